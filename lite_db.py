@@ -1,0 +1,409 @@
+"""SQLite done right for prefork WSGI servers (stdlib only).
+
+Contract:
+- One connection per process and database path, opened lazily by `connect()`
+  and opened anew when `os.getpid()` changes: a connection is never used on
+  both sides of a fork. Nothing is opened at import.
+- Every new connection gets WAL, `synchronous` (NORMAL, or FULL through
+  `LITE_SYNCHRONOUS=FULL`), a busy timeout, foreign keys and a journal size
+  limit; `isolation_level=None`, so every transaction here is explicit.
+- Writes run in `BEGIN IMMEDIATE` transactions: the write lock is taken up
+  front, so a transaction never reads a snapshot it then cannot write from
+  (SQLITE_BUSY_SNAPSHOT, which no busy timeout waits out).
+- Only SQLITE_BUSY and SQLITE_LOCKED are retried, with jittered short sleeps,
+  until `LOCK_BUDGET_MS` has passed since the call began.
+- Errors: `sqlite3.Error` is caught, logged once with its reason and counted in
+  `stats`; writes then return `False`, reads `None`. Programming errors (an
+  unknown table or column, a wrong argument type) raise `ValueError` before
+  any SQL runs.
+- Read-modify-write: do it in `transact` with a callable (see `update_counter`),
+  or as one statement (`increment`). Never with `upsert`: an upsert computes its
+  new row from values the caller read earlier, outside the write lock, so two
+  processes that read the same value both write value + 1 and one update is
+  lost without any error.
+"""
+
+import logging
+import os
+import random
+import re
+import sqlite3
+import time
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+LOCK_BUDGET_MS = 3000  # 3 s: total wait for the database lock per call
+RETRY_SLEEP_MAX_S = 0.002  # 2 ms: upper bound of one jittered retry sleep
+JOURNAL_SIZE_LIMIT_BYTES = 4 * 1024 * 1024  # 4 MiB: -wal size kept after a checkpoint
+SYNCHRONOUS_MODES = ("NORMAL", "FULL")
+MAX_INTEGER = 2**63 - 1  # largest value SQLite stores as an INTEGER
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS counters (
+    name TEXT PRIMARY KEY,
+    value INTEGER NOT NULL,
+    position INTEGER NOT NULL
+) STRICT;
+CREATE TABLE IF NOT EXISTS config_state (
+    id INTEGER PRIMARY KEY CHECK (id = 1),
+    fingerprint TEXT NOT NULL,
+    counters TEXT NOT NULL,
+    applied_at REAL NOT NULL,
+    applied_by INTEGER NOT NULL,
+    rejected_fingerprint TEXT
+) STRICT;
+CREATE TABLE IF NOT EXISTS config_audit (
+    id INTEGER PRIMARY KEY,
+    fingerprint TEXT NOT NULL,
+    pid INTEGER NOT NULL,
+    applied_at REAL NOT NULL
+) STRICT;
+"""
+
+log = logging.getLogger(__name__)
+
+# Per-process figures; a forked child starts from its parent's numbers.
+stats = {
+    "reads": 0,
+    "read_failures": 0,
+    "writes": 0,
+    "write_failures": 0,
+    "busy_retries": 0,
+    "lock_wait_s": 0.0,
+}
+
+_connections: dict[str, tuple[int, sqlite3.Connection]] = {}
+# Connections inherited across fork: kept referenced, never used or closed,
+# because closing one in the child would run SQLite's close-time checkpoint
+# and unlock logic against locks that belong to the parent.
+_inherited: list[sqlite3.Connection] = []
+_columns_cache: dict[tuple[int, str], tuple[str, ...]] = {}
+_FAILED = object()  # what _read returns on failure, so that None can mean "no row"
+_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
+
+
+def _synchronous() -> str:
+    mode = os.environ.get("LITE_SYNCHRONOUS", "NORMAL").upper()
+    if mode not in SYNCHRONOUS_MODES:
+        raise ValueError(f"LITE_SYNCHRONOUS must be one of {SYNCHRONOUS_MODES}")
+    return mode
+
+
+def _open(path: str) -> sqlite3.Connection:
+    conn = sqlite3.connect(path, isolation_level=None, timeout=LOCK_BUDGET_MS / 1000)
+    try:
+        conn.row_factory = sqlite3.Row
+        conn.execute("PRAGMA journal_mode = WAL")
+        conn.execute(f"PRAGMA synchronous = {_synchronous()}")
+        conn.execute("PRAGMA foreign_keys = ON")
+        conn.execute(f"PRAGMA journal_size_limit = {JOURNAL_SIZE_LIMIT_BYTES}")
+        if not conn.execute("SELECT 1 FROM sqlite_schema WHERE name = 'config_audit'").fetchone():
+            conn.executescript(SCHEMA)
+    except BaseException:
+        conn.close()
+        raise
+    return conn
+
+
+def _is_busy(exc: sqlite3.Error) -> bool:
+    # The primary code is the low byte of the extended one:
+    # SQLITE_BUSY_SNAPSHOT (517) is SQLITE_BUSY (5), SQLITE_LOCKED_SHAREDCACHE (262)
+    # is SQLITE_LOCKED (6).
+    code = getattr(exc, "sqlite_errorcode", None)
+    if code is not None:
+        return code & 0xFF in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
+    return "locked" in str(exc) or "busy" in str(exc)
+
+
+def _retrying(cur: sqlite3.Cursor, attempt: Callable[[], Any]) -> Any:
+    """Run `attempt()`, retrying on busy/locked until LOCK_BUDGET_MS is spent.
+
+    Raises the last sqlite3.Error when the budget is spent or the error is not
+    busy/locked. The busy timeout waits out a lock held by another process;
+    these retries cover the busy errors SQLite returns without waiting, e.g.
+    while another connection runs WAL recovery
+    (tests/test_db.py::test_busy_without_wait_is_retried).
+    """
+    started = time.monotonic()
+    deadline = started + LOCK_BUDGET_MS / 1000
+    narrowed = False
+    try:
+        while True:
+            try:
+                return attempt()
+            except sqlite3.Error as exc:
+                remaining = deadline - time.monotonic()
+                if not _is_busy(exc) or remaining <= 0:
+                    raise
+                stats["busy_retries"] += 1
+                time.sleep(random.uniform(0, min(RETRY_SLEEP_MAX_S, remaining)))
+                remaining_ms = max(1, int((deadline - time.monotonic()) * 1000))
+                cur.execute(f"PRAGMA busy_timeout = {remaining_ms}")
+                narrowed = True
+    finally:
+        stats["lock_wait_s"] += time.monotonic() - started
+        if narrowed:
+            cur.execute(f"PRAGMA busy_timeout = {LOCK_BUDGET_MS}")
+
+
+def _write(cur: sqlite3.Cursor, work: Callable[[sqlite3.Cursor], Any], what: str) -> Any:
+    """Run `work(cur)` in one BEGIN IMMEDIATE transaction, with retries.
+
+    Returns work's result, or False after logging and counting a failure.
+    """
+
+    def attempt() -> Any:
+        cur.execute("BEGIN IMMEDIATE")
+        try:
+            result = work(cur)
+            cur.execute("COMMIT")
+        except BaseException:
+            if cur.connection.in_transaction:
+                cur.execute("ROLLBACK")
+            raise
+        return result
+
+    stats["writes"] += 1
+    try:
+        return _retrying(cur, attempt)
+    except sqlite3.Error as exc:
+        stats["write_failures"] += 1
+        log.error("write failed (%s): %s", what, exc)
+        return False
+
+
+def _read(cur: sqlite3.Cursor, fetch: Callable[[], Any], what: str) -> Any:
+    """What `fetch()` returns, or _FAILED after logging and counting a failure."""
+    stats["reads"] += 1
+    try:
+        return _retrying(cur, fetch)
+    except sqlite3.Error as exc:
+        stats["read_failures"] += 1
+        log.error("read failed (%s): %s", what, exc)
+        return _FAILED
+
+
+def _columns(cur: sqlite3.Cursor, table: str) -> tuple[str, ...]:
+    """Columns of `table` in the live schema, primary key first.
+
+    Raises ValueError for a name that is not a table of this database.
+    """
+    if not isinstance(table, str) or not _NAME.match(table):
+        raise ValueError(f"not a table name: {table!r}")
+    key = (id(cur.connection), table)
+    if key not in _columns_cache:
+        rows = cur.execute(f'PRAGMA table_info("{table}")').fetchall()
+        if not rows:
+            raise ValueError(f"no such table: {table!r}")
+        rows.sort(key=lambda row: (row["pk"] == 0, row["pk"], row["cid"]))
+        _columns_cache[key] = tuple(row["name"] for row in rows)
+    return _columns_cache[key]
+
+
+def _check_columns(cur: sqlite3.Cursor, table: str, names: Iterable[str]) -> tuple[str, ...]:
+    columns = _columns(cur, table)
+    for name in names:
+        if name not in columns:
+            raise ValueError(f"no such column: {table}.{name!r}")
+    return columns
+
+
+# Public API
+
+
+def connect(path: str) -> sqlite3.Connection:
+    """This process's connection to `path`, opened on first use.
+
+    Raises sqlite3.Error if the database cannot be opened.
+    """
+    pid = os.getpid()
+    known = _connections.get(path)
+    if known is not None:
+        owner, conn = known
+        if owner == pid:
+            return conn
+        _inherited.append(conn)
+        del _connections[path]
+    conn = _open(path)
+    _connections[path] = (pid, conn)
+    return conn
+
+
+def cursor(path: str) -> sqlite3.Cursor | None:
+    """A fresh cursor on this process's connection; the caller closes it.
+
+    Returns None (logged and counted as a failed read) if the database
+    cannot be opened.
+    """
+    try:
+        return connect(path).cursor()
+    except sqlite3.Error as exc:
+        stats["read_failures"] += 1
+        log.error("cannot open database %s: %s", path, exc)
+        return None
+
+
+def close_all() -> None:
+    """Close the connections this process opened (tests, shutdown)."""
+    pid = os.getpid()
+    for path, (owner, conn) in list(_connections.items()):
+        if owner == pid:
+            conn.close()
+        del _connections[path]
+    _columns_cache.clear()
+
+
+def transact(
+    cur: sqlite3.Cursor,
+    work: Callable[[sqlite3.Cursor], Any] | Sequence[tuple[str, Sequence[Any]]],
+) -> Any:
+    """Run `work` in one write transaction that holds the write lock throughout.
+
+    `work` is a list of (sql, params) statements, or a callable taking the
+    cursor: the way to read, compute in Python and write back without losing
+    updates. A callable may be run again after a busy error, so it must not
+    have effects outside the database. Returns the callable's result (True
+    for a list, or when the callable returns None); False on failure, so
+    test the result with `is False`.
+    """
+    if callable(work):
+        run = work
+    elif isinstance(work, Sequence) and not isinstance(work, str):
+        statements = list(work)
+
+        def run(cur: sqlite3.Cursor) -> None:
+            for sql, params in statements:
+                cur.execute(sql, params)
+
+    else:
+        raise ValueError("work must be a callable or a list of (sql, params)")
+
+    def run_and_mark(cur: sqlite3.Cursor) -> Any:
+        result = run(cur)
+        return True if result is None else result
+
+    return _write(cur, run_and_mark, "transact")
+
+
+def transact_one(cur: sqlite3.Cursor, sql: str, params: Sequence[Any] = ()) -> Any:
+    """Run one statement in a write transaction.
+
+    Returns the first row it returns (RETURNING), else True; False on failure.
+    """
+    if not isinstance(sql, str):
+        raise ValueError("sql must be a string")
+
+    def run(cur: sqlite3.Cursor) -> Any:
+        rows = cur.execute(sql, params).fetchall()
+        return rows[0] if rows else True
+
+    return _write(cur, run, sql.split(None, 1)[0] if sql.strip() else "empty")
+
+
+def transact_many(cur: sqlite3.Cursor, sql: str, seq_of_params: Iterable[Sequence[Any]]) -> bool:
+    """Run one statement for each parameter set, all in one write transaction.
+
+    Returns True, or False on failure (then nothing was written).
+    """
+    if not isinstance(sql, str):
+        raise ValueError("sql must be a string")
+    rows = list(seq_of_params)
+
+    def run(cur: sqlite3.Cursor) -> bool:
+        cur.executemany(sql, rows)
+        return True
+
+    return _write(cur, run, "transact_many")
+
+
+def get(cur: sqlite3.Cursor, table: str, key: Any, attr: str, default: Any = None) -> Any:
+    """One attribute of the row of `table` whose primary key is `key`.
+
+    Returns `default` if there is no such row; None on failure. Raises
+    ValueError for an unknown table or column.
+    """
+    columns = _check_columns(cur, table, [attr])
+    sql = f'SELECT "{attr}" FROM "{table}" WHERE "{columns[0]}" = ?'
+    row = _read(cur, lambda: cur.execute(sql, (key,)).fetchone(), f"get {table}.{attr}")
+    if row is _FAILED:
+        return None
+    return default if row is None else row[0]
+
+
+def select(cur: sqlite3.Cursor, sql: str, params: Sequence[Any] = ()) -> list[sqlite3.Row] | None:
+    """All rows of a read-only query, in its own read transaction; None on failure."""
+    if not isinstance(sql, str):
+        raise ValueError("sql must be a string")
+    rows = _read(cur, lambda: cur.execute(sql, params).fetchall(), "select")
+    return None if rows is _FAILED else rows
+
+
+def upsert(cur: sqlite3.Cursor, table: str, row: dict[str, Any]) -> bool:
+    """Insert `row`, or update the row with the same primary key.
+
+    For setting values, never for read-modify-write (see the module docstring).
+    Returns True, or False on failure. Raises ValueError for an unknown table
+    or column, or when `row` lacks the primary key.
+    """
+    if not isinstance(row, dict) or not row:
+        raise ValueError("row must be a non-empty dict")
+    columns = _check_columns(cur, table, row)
+    key = columns[0]
+    if key not in row:
+        raise ValueError(f"row lacks the primary key {key!r}")
+    names = list(row)
+    quoted = [f'"{name}"' for name in names]
+    updates = [f"{q} = excluded.{q}" for name, q in zip(names, quoted, strict=True) if name != key]
+    action = "UPDATE SET " + ", ".join(updates) if updates else "NOTHING"
+    sql = (
+        f'INSERT INTO "{table}" ({", ".join(quoted)}) '
+        f"VALUES ({', '.join('?' for _ in names)}) "
+        f'ON CONFLICT ("{key}") DO {action}'
+    )
+    values = [row[name] for name in names]
+
+    def run(cur: sqlite3.Cursor) -> bool:
+        cur.execute(sql, values)
+        return True
+
+    return _write(cur, run, f"upsert {table}")
+
+
+def increment(cur: sqlite3.Cursor, name: str, by: int = 1) -> Any:
+    """Add `by` to counter `name` in one atomic statement.
+
+    Returns the new value; None when there is no such counter or the sum would
+    exceed MAX_INTEGER (nothing is written then); False on failure.
+    """
+    if not isinstance(by, int) or isinstance(by, bool) or not 1 <= by <= MAX_INTEGER:
+        raise ValueError("by must be an int from 1 to MAX_INTEGER")
+    row = transact_one(
+        cur,
+        "UPDATE counters SET value = value + ? WHERE name = ? AND value <= ? RETURNING value",
+        (by, name, MAX_INTEGER - by),
+    )
+    if row is False:
+        return False
+    return None if row is True else row[0]
+
+
+def update_counter(cur: sqlite3.Cursor, name: str, compute: Callable[[int], int]) -> Any:
+    """Read counter `name`, compute its new value in Python, write it back.
+
+    The general read-modify-write, done right: read and write happen in one
+    transaction that took the write lock before the read, so no other process
+    can write in between. Returns the new value; None when there is no such
+    counter; False on failure.
+    """
+
+    def work(cur: sqlite3.Cursor) -> tuple[int | None]:
+        # A one-tuple is truthy even when it holds 0 or None.
+        row = cur.execute("SELECT value FROM counters WHERE name = ?", (name,)).fetchone()
+        if row is None:
+            return (None,)
+        new_value = compute(row[0])
+        cur.execute("UPDATE counters SET value = ? WHERE name = ?", (new_value, name))
+        return (new_value,)
+
+    result = transact(cur, work)
+    return False if result is False else result[0]

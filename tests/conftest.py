@@ -1,0 +1,66 @@
+"""Fixtures: a fresh database and config per test, a WebTest app on them."""
+
+import os
+import sqlite3
+import time
+
+import pytest
+import webtest
+
+import lite_app
+import lite_config
+import lite_db
+
+CONFIG = "[counters]\nhits = 0\nmisses = 0\n"
+
+
+def write_config(path, text, age_s=60.0):
+    """Write config text and date it `age_s` seconds back, past the settle time."""
+    path.write_text(text)
+    settle(path, age_s)
+
+
+def settle(path, age_s=60.0):
+    then = time.time_ns() - int(age_s * 1e9)
+    os.utime(path, ns=(then, then))
+
+
+@pytest.fixture(autouse=True)
+def fresh_process_state():
+    """Each test starts with no open connections and nothing seen."""
+    yield
+    lite_db.close_all()
+    lite_config._seen.clear()
+
+
+@pytest.fixture
+def db_path(tmp_path):
+    return str(tmp_path / "lite.db")
+
+
+@pytest.fixture
+def config_path(tmp_path):
+    path = tmp_path / "config.ini"
+    write_config(path, CONFIG)
+    return path
+
+
+@pytest.fixture
+def app(db_path, config_path):
+    return webtest.TestApp(lite_app.make_app(db_path=db_path, config_path=str(config_path)))
+
+
+@pytest.fixture
+def cur(db_path):
+    cur = lite_db.cursor(db_path)
+    yield cur
+    cur.close()
+
+
+@pytest.fixture
+def other(db_path):
+    """A second, independent connection, to check what was committed."""
+    lite_db.connect(db_path)  # creates the schema
+    conn = sqlite3.connect(db_path, isolation_level=None, timeout=10)
+    yield conn
+    conn.close()

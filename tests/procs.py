@@ -1,0 +1,61 @@
+"""Real OS processes for concurrency tests: bounded in time, stopped by PID.
+
+Children are started with "spawn", so that none inherits the test process's
+SQLite connections or its SQLite locking state (which fork would copy).
+"""
+
+import multiprocessing
+import queue
+import time
+
+_ctx = multiprocessing.get_context("spawn")
+
+
+def _run(target, args, results, index):
+    results.put((index, target(*args)))
+
+
+def start(target, args_list):
+    """Start one process per args tuple; returns (processes, results queue)."""
+    results = _ctx.Queue()
+    procs = [
+        _ctx.Process(target=_run, args=(target, args, results, index), daemon=True)
+        for index, args in enumerate(args_list)
+    ]
+    for proc in procs:
+        proc.start()
+    return procs, results
+
+
+def finish(procs, results, timeout_s):
+    """Each process's return value, in start order.
+
+    Fails if any process has not returned within `timeout_s`; every process
+    still running then is killed by its PID.
+    """
+    deadline = time.monotonic() + timeout_s
+    values = {}
+    try:
+        while len(values) < len(procs):
+            remaining = deadline - time.monotonic()
+            try:
+                index, value = results.get(timeout=max(0.01, remaining))
+            except queue.Empty:
+                raise AssertionError(
+                    f"{len(procs) - len(values)} of {len(procs)} processes "
+                    f"did not finish within {timeout_s} s"
+                ) from None
+            values[index] = value
+    finally:
+        for proc in procs:
+            proc.join(timeout=max(0.1, deadline - time.monotonic()))
+            if proc.is_alive():
+                proc.kill()
+                proc.join(timeout=5)
+    return [values[index] for index in range(len(procs))]
+
+
+def run(target, args_list, timeout_s=120):
+    """Run target(*args) in one process per args tuple; their results in order."""
+    procs, results = start(target, args_list)
+    return finish(procs, results, timeout_s)

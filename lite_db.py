@@ -262,9 +262,9 @@ def transact(
     `work` is a list of (sql, params) statements, or a callable taking the
     cursor: the way to read, compute in Python and write back without losing
     updates. A callable may be run again after a busy error, so it must not
-    have effects outside the database. Returns the callable's result (True
-    for a list, or when the callable returns None); False on failure, so
-    test the result with `is False`.
+    have effects outside the database, and must not return False, which
+    means failure. Returns the callable's result (True for a list, or when
+    the callable returns None); False on failure: test with `is False`.
     """
     if callable(work):
         run = work

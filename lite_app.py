@@ -1,0 +1,293 @@
+"""lite's web app: Bottle routes over lite_db, with config.ini kept applied.
+
+Routes (the app is mounted at the server root):
+- GET  /lite                 a page with every counter and a button to add 1
+- POST /lite                 the page's form: add 1, then 303 back to /lite
+- GET  /lite/get?counter=N   {"counter": N, "value": V}
+- POST /lite/inc             counter=N, by=B (1..1000000, default 1):
+                             {"counter": N, "value": new value}
+
+Without `counter`, the first counter of config.ini is meant. Errors are JSON
+{"error": "..."}: 400 bad input, 403 cross-site POST, 404 unknown counter,
+405 wrong method, 409 a counter that would pass 2^63-1, 503 with Retry-After
+when the database could not be reached within lite_db.LOCK_BUDGET_MS. No
+response ever carries a traceback, SQL or driver text.
+
+`make_app(db_path, config_path)` builds the app; paths default to
+$LITE_DB_PATH and $LITE_CONFIG_PATH, else data/lite.db and config.ini beside
+this file. `application` is the WSGI entry point for mod_wsgi.
+"""
+
+import datetime
+import json
+import logging
+import os
+import re
+import sqlite3
+import sys
+from collections.abc import Callable
+from typing import Any
+from urllib.parse import SplitResult, urlsplit
+
+import bottle
+
+import lite_config
+import lite_db
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+DEFAULT_DB_PATH = os.path.join(HERE, "data", "lite.db")
+DEFAULT_CONFIG_PATH = os.path.join(HERE, "config.ini")
+MAX_BY = 1_000_000  # largest step of one increment
+RETRY_AFTER_S = 1  # 1 s: what a 503 asks the client to wait
+ERROR_CODES = (400, 403, 404, 405, 409, 413, 500, 503)
+_BY = re.compile(r"[1-9][0-9]{0,6}\Z")
+
+log = logging.getLogger(__name__)
+
+PAGE = """<!DOCTYPE html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>lite</title>
+<style>
+body { font: 16px/1.5 system-ui, sans-serif; max-width: 40rem; margin: 2rem auto;
+       padding: 0 1rem; color: #222; }
+table { border-collapse: collapse; width: 100%; }
+th, td { text-align: left; padding: .4rem .6rem; border-bottom: 1px solid #ddd; }
+td.value { font-variant-numeric: tabular-nums; text-align: right; }
+button { font: inherit; padding: .2rem .9rem; cursor: pointer; }
+.note { color: #666; font-size: .9rem; }
+</style>
+</head>
+<body>
+<h1>lite</h1>
+<p>Counters kept in SQLite, shared by every server process.</p>
+% if counters:
+<table>
+<tr><th>counter</th><th style="text-align:right">value</th><th></th></tr>
+% for name, value in counters:
+<tr>
+  <td><a href="/lite/get?counter={{name}}">{{name}}</a></td>
+  <td class="value" id="value-{{name}}">{{value}}</td>
+  <td><form method="post" action="/lite">
+    <input type="hidden" name="counter" value="{{name}}">
+    <button type="submit">+1</button>
+  </form></td>
+</tr>
+% end
+</table>
+% else:
+<p>No counters yet: config.ini has not been applied.</p>
+% end
+% if version:
+<p class="note">Config version {{version["fingerprint"]}}, applied {{version["applied"]}}
+by process {{version["applied_by"]}}.</p>
+% end
+<p class="note">Served by process {{pid}}.</p>
+</body>
+</html>
+"""
+
+
+def _json(status: int, body: dict[str, Any], **headers: Any) -> bottle.HTTPResponse:
+    headers["Content-Type"] = "application/json"
+    return bottle.HTTPResponse(json.dumps(body), status=status, **headers)
+
+
+def _unavailable() -> bottle.HTTPResponse:
+    return _json(
+        503, {"error": "database busy, retry later"}, **{"Retry-After": str(RETRY_AFTER_S)}
+    )
+
+
+def _json_error(err: bottle.HTTPError) -> str:
+    """Error handler: the reason as JSON; never the exception or traceback."""
+    bottle.response.content_type = "application/json"
+    if err.status_code >= 500:
+        message = "internal error" if err.status_code == 500 else "unavailable"
+    else:
+        message = err.body if isinstance(err.body, str) and err.body else err.status_line
+    return json.dumps({"error": message})
+
+
+def _param(name: str) -> str | None:
+    """The one value of query or form parameter `name`; None if absent."""
+    values = bottle.request.params.getall(name)
+    if len(values) > 1:
+        raise _json(400, {"error": f"give {name} once"})
+    return values[0] if values else None
+
+
+def _counter_name(cur: sqlite3.Cursor) -> str:
+    """The counter a request names, or the first configured one."""
+    name = _param("counter")
+    if name is None:
+        rows = lite_db.select(cur, "SELECT name FROM counters ORDER BY position LIMIT 1")
+        if rows is None:
+            raise _unavailable()
+        if not rows:
+            raise _json(404, {"error": "no counters configured"})
+        return rows[0]["name"]
+    if not lite_config.COUNTER_NAME.match(name):
+        raise _json(400, {"error": "counter: use 1-64 of a-z, 0-9, _ and -"})
+    return name
+
+
+def _by() -> int:
+    text = _param("by")
+    if text is None:
+        return 1
+    if not _BY.match(text) or int(text) > MAX_BY:
+        raise _json(400, {"error": f"by: a whole number from 1 to {MAX_BY}"})
+    return int(text)
+
+
+def _check_same_origin() -> None:
+    """Refuse a POST that a browser sent from another site (403).
+
+    Browsers name the page that sent a request in Origin (or, failing that,
+    Referer); clients that send neither are not browsers and cannot be
+    tricked into sending the request.
+    """
+    source = bottle.request.get_header("Origin") or bottle.request.get_header("Referer")
+    if source is None:
+        return
+    if _origin(urlsplit(source)) != _origin(bottle.request.urlparts):
+        raise _json(403, {"error": "cross-site request refused"})
+
+
+def _origin(url: SplitResult) -> tuple[str, str | None, int | None]:
+    """Scheme, host and port of a URL, the port filled in from the scheme."""
+    try:
+        port = url.port or {"http": 80, "https": 443}.get(url.scheme)
+    except ValueError:  # a port that is not a number
+        port = None
+    return url.scheme, url.hostname, port
+
+
+def _increment(cur: sqlite3.Cursor, name: str, by: int) -> int:
+    value = lite_db.increment(cur, name, by)
+    if value is False:
+        raise _unavailable()
+    if value is None:
+        current = lite_db.get(cur, "counters", name, "value", default=False)
+        if current is None:
+            raise _unavailable()
+        if current is False:
+            raise _json(404, {"error": f"no counter {name!r}"})
+        raise _json(409, {"error": f"{name} would pass {lite_db.MAX_INTEGER}"})
+    return value
+
+
+class LitePlugin:
+    """Per request: apply a changed config.ini, and give the route a cursor.
+
+    Routes that take a `db` argument (or `keyword`) get a fresh cursor on this
+    process's connection; it is closed when the route returns or raises. A
+    database that cannot be opened gives 503.
+    """
+
+    name = "lite"
+    api = 2
+
+    def __init__(self, db_path: str, config_path: str, keyword: str = "db") -> None:
+        self.db_path = db_path
+        self.config_path = config_path
+        self.keyword = keyword
+
+    def setup(self, app: bottle.Bottle) -> None:
+        for other in app.plugins:
+            if isinstance(other, LitePlugin) and other.keyword == self.keyword:
+                raise bottle.PluginError(f"another plugin already provides {self.keyword!r}")
+
+    def apply(self, callback: Callable[..., Any], route: bottle.Route) -> Callable[..., Any]:
+        wants_cursor = self.keyword in route.get_callback_args()
+
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            cur = lite_db.cursor(self.db_path)
+            if cur is None:
+                raise _unavailable()
+            try:
+                lite_config.refresh(cur, self.config_path)
+                if wants_cursor:
+                    kwargs[self.keyword] = cur
+                return callback(*args, **kwargs)
+            finally:
+                cur.close()
+
+        return wrapper
+
+    def close(self) -> None:
+        pass
+
+
+def make_app(db_path: str | None = None, config_path: str | None = None) -> bottle.Bottle:
+    """The lite WSGI app on `db_path` with counters from `config_path`.
+
+    Opens nothing: the database is opened by the first request.
+    """
+    db_path = db_path or os.environ.get("LITE_DB_PATH") or DEFAULT_DB_PATH
+    config_path = config_path or os.environ.get("LITE_CONFIG_PATH") or DEFAULT_CONFIG_PATH
+    app = bottle.Bottle()
+    app.install(LitePlugin(db_path, config_path))
+    for code in ERROR_CODES:
+        app.error(code)(_json_error)
+
+    @app.get("/lite")
+    def page(db: sqlite3.Cursor) -> str:
+        rows = lite_db.select(db, "SELECT name, value FROM counters ORDER BY position")
+        if rows is None:
+            raise _unavailable()
+        version = lite_config.applied_version(db)
+        if version is not None:
+            applied = datetime.datetime.fromtimestamp(version["applied_at"], datetime.UTC)
+            version = {
+                "fingerprint": version["fingerprint"].rsplit("-", 1)[-1][:12],
+                "applied": applied.strftime("%Y-%m-%d %H:%M:%S UTC"),
+                "applied_by": version["applied_by"],
+            }
+        bottle.response.set_header("Cache-Control", "no-store")
+        return bottle.template(
+            PAGE, counters=[tuple(row) for row in rows], version=version, pid=os.getpid()
+        )
+
+    @app.post("/lite")
+    def page_increment(db: sqlite3.Cursor) -> None:
+        _check_same_origin()
+        _increment(db, _counter_name(db), 1)
+        bottle.redirect("/lite", 303)
+
+    @app.get("/lite/get")
+    def get_counter(db: sqlite3.Cursor) -> dict[str, Any]:
+        name = _counter_name(db)
+        value = lite_db.get(db, "counters", name, "value", default=False)
+        if value is None:
+            raise _unavailable()
+        if value is False:
+            raise _json(404, {"error": f"no counter {name!r}"})
+        return {"counter": name, "value": value}
+
+    @app.post("/lite/inc")
+    def increment(db: sqlite3.Cursor) -> dict[str, Any]:
+        _check_same_origin()
+        name = _counter_name(db)
+        by = _by()
+        return {"counter": name, "value": _increment(db, name, by)}
+
+    return app
+
+
+def _log_to_stderr_under_mod_wsgi() -> None:
+    # Under mod_wsgi, stderr goes to Apache's error log; elsewhere the caller
+    # (tests, a runner) decides where log lines go.
+    if "mod_wsgi" in sys.modules and not logging.getLogger().handlers:
+        logging.basicConfig(
+            level=logging.INFO,
+            stream=sys.stderr,
+            format="lite[%(process)d] %(levelname)s %(name)s: %(message)s",
+        )
+
+
+_log_to_stderr_under_mod_wsgi()
+application = make_app()

@@ -1,0 +1,248 @@
+"""Apply config.ini to the database exactly once per change of the file.
+
+Contract:
+- `refresh(cur, config_path)` is called on every request. When the file looks
+  as it did last time (same mtime, size and inode), it costs one `os.stat`.
+- A change is any difference of mtime (compared with `!=`), size or content
+  hash, so a plain `touch` counts. On a change, the process takes the write
+  lock, compares the file's fingerprint with the one stored in the database
+  and, only if they differ, applies the file and records the fingerprint and
+  an audit row (fingerprint, pid, time), all in one transaction. So exactly
+  one process applies each version; the others see the result.
+- Applying sets each counter whose configured value is new or changed to that
+  value, adds new counters, deletes counters no longer in the file, and leaves
+  every other counter's value alone: touching the file records a new version
+  without resetting live counters.
+- A file that is missing, unreadable, larger than CONFIG_MAX_BYTES, malformed,
+  or still being written (modified less than SETTLE_S ago, or changed while it
+  was read) is never applied: the last good config stays, requests go on, and
+  each bad version is logged once across all processes.
+- Database failures are handled as lite_db does (logged, counted); the change
+  is then looked at again on the next request.
+
+config.ini has one section, [counters], with one `name = initial value` line
+per counter; the first is the default counter of the web routes.
+"""
+
+import configparser
+import hashlib
+import json
+import logging
+import os
+import re
+import sqlite3
+import sys
+import time
+from typing import Any
+
+import lite_db
+
+CONFIG_MAX_BYTES = 64 * 1024  # 64 KiB: a larger file is refused
+SETTLE_S = 1.0  # 1 s: a file modified more recently may still be being written
+MAX_COUNTERS = 100
+COUNTER_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}\Z")
+_INTEGER = re.compile(r"-?[0-9]{1,19}\Z")
+
+log = logging.getLogger(__name__)
+
+stats = {"config_checks": 0, "config_applied": 0, "config_rejected": 0}
+
+# What this process last saw of each config file: (mtime_ns, size, inode),
+# or None for a file that could not be stat'ed.
+_seen: dict[str, tuple[int, int, int] | None] = {}
+
+
+class ConfigError(Exception):
+    """config.ini cannot be applied; the message says why."""
+
+
+def _stat_key(path: str) -> tuple[int, int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_mtime_ns, st.st_size, st.st_ino)
+
+
+def parse(data: bytes) -> dict[str, int]:
+    """The counters that config text defines, in file order.
+
+    Raises ConfigError with a reason when the text is not a valid config.
+    """
+    if len(data) > CONFIG_MAX_BYTES:
+        raise ConfigError(f"larger than {CONFIG_MAX_BYTES} bytes")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"not UTF-8: {exc}") from None
+    parser = configparser.ConfigParser(interpolation=None, strict=True)
+    parser.optionxform = str  # keep names as written; upper case is refused below
+    try:
+        parser.read_string(text)
+    except configparser.Error as exc:
+        raise ConfigError(str(exc).splitlines()[0]) from None
+    if parser.sections() != ["counters"]:
+        raise ConfigError(f"expected exactly one section [counters], got {parser.sections()}")
+    counters = {}
+    for name, value in parser.items("counters"):
+        if not COUNTER_NAME.match(name):
+            raise ConfigError(f"bad counter name {name!r}: use a-z, 0-9, _ and -")
+        if not _INTEGER.match(value) or not -(2**63) <= int(value) <= lite_db.MAX_INTEGER:
+            raise ConfigError(f"counter {name!r}: {value!r} is not a 64-bit integer")
+        counters[name] = int(value)
+    if not counters:
+        raise ConfigError("no counters defined")
+    if len(counters) > MAX_COUNTERS:
+        raise ConfigError(f"more than {MAX_COUNTERS} counters")
+    return counters
+
+
+def _read_stable(path: str, settle_s: float) -> tuple[tuple[int, int, int], bytes] | None:
+    """The file's stat key and bytes, or None while it may still be changing.
+
+    Raises ConfigError when it cannot be read.
+    """
+    try:
+        with open(path, "rb") as f:
+            before = os.fstat(f.fileno())
+            if time.time() - before.st_mtime < settle_s:
+                return None
+            data = f.read(CONFIG_MAX_BYTES + 1)
+    except OSError as exc:
+        raise ConfigError(f"cannot read: {exc.strerror}") from None
+    key = (before.st_mtime_ns, before.st_size, before.st_ino)
+    if _stat_key(path) != key or len(data) != min(before.st_size, CONFIG_MAX_BYTES + 1):
+        return None
+    return key, data
+
+
+def _apply(cur: sqlite3.Cursor, fingerprint: str, counters: dict[str, int]) -> str:
+    """Work for lite_db.transact: apply `counters` unless `fingerprint` is stored.
+
+    Returns "applied", or "current" when another process applied it first.
+    """
+    state = cur.execute("SELECT fingerprint, counters FROM config_state").fetchone()
+    if state is not None and state["fingerprint"] == fingerprint:
+        return "current"
+    before = json.loads(state["counters"]) if state is not None else {}
+    for position, (name, value) in enumerate(counters.items()):
+        if before.get(name) != value:
+            cur.execute(
+                "INSERT INTO counters (name, value, position) VALUES (?, ?, ?) "
+                "ON CONFLICT (name) DO UPDATE SET value = excluded.value, "
+                "position = excluded.position",
+                (name, value, position),
+            )
+        else:
+            cur.execute(
+                "INSERT INTO counters (name, value, position) VALUES (?, ?, ?) "
+                "ON CONFLICT (name) DO UPDATE SET position = excluded.position",
+                (name, value, position),
+            )
+    placeholders = ", ".join("?" for _ in counters)
+    cur.execute(f"DELETE FROM counters WHERE name NOT IN ({placeholders})", list(counters))
+    now, pid = time.time(), os.getpid()
+    cur.execute(
+        "INSERT INTO config_state (id, fingerprint, counters, applied_at, applied_by) "
+        "VALUES (1, ?, ?, ?, ?) ON CONFLICT (id) DO UPDATE SET "
+        "fingerprint = excluded.fingerprint, counters = excluded.counters, "
+        "applied_at = excluded.applied_at, applied_by = excluded.applied_by",
+        (fingerprint, json.dumps(counters), now, pid),
+    )
+    cur.execute(
+        "INSERT INTO config_audit (fingerprint, pid, applied_at) VALUES (?, ?, ?)",
+        (fingerprint, pid, now),
+    )
+    return "applied"
+
+
+def _reject(cur: sqlite3.Cursor, fingerprint: str) -> str:
+    """Work for lite_db.transact: record a bad version.
+
+    Returns "new", or "known" when another process recorded it first.
+    """
+    row = cur.execute("SELECT rejected_fingerprint FROM config_state").fetchone()
+    if row is not None and row[0] == fingerprint:
+        return "known"
+    if row is None:
+        # Nothing applied yet: keep the bad version on record all the same.
+        cur.execute(
+            "INSERT INTO config_state "
+            "(id, fingerprint, counters, applied_at, applied_by, rejected_fingerprint) "
+            "VALUES (1, '', '{}', 0, 0, ?)",
+            (fingerprint,),
+        )
+    else:
+        cur.execute("UPDATE config_state SET rejected_fingerprint = ?", (fingerprint,))
+    return "new"
+
+
+def refresh(cur: sqlite3.Cursor, config_path: str, force: bool = False) -> str:
+    """Apply `config_path` if it changed since this process last looked.
+
+    `force` skips the settle time (for the command line, not for requests).
+    Returns what happened: "unchanged", "applied" (by this process), "current"
+    (another process had applied it), "rejected", "unsettled" (looked at again
+    on the next call) or "failed" (database failure, looked at again too).
+    """
+    key = _stat_key(config_path)
+    if not force and config_path in _seen and _seen[config_path] == key:
+        return "unchanged"
+    stats["config_checks"] += 1
+    try:
+        stable = _read_stable(config_path, 0 if force else SETTLE_S)
+        if stable is None:
+            return "unsettled"
+        key, data = stable
+        fingerprint = f"{key[0]}-{key[1]}-{hashlib.sha256(data).hexdigest()}"
+        counters = parse(data)
+    except ConfigError as exc:
+        fingerprint = f"bad-{key}"
+        recorded = lite_db.transact(cur, lambda cur: _reject(cur, fingerprint))
+        if recorded is False:
+            return "failed"
+        if recorded == "new":
+            stats["config_rejected"] += 1
+            log.error("config %s not applied, keeping the last good one: %s", config_path, exc)
+        _seen[config_path] = key
+        return "rejected"
+    outcome = lite_db.transact(cur, lambda cur: _apply(cur, fingerprint, counters))
+    if outcome is False:
+        return "failed"
+    _seen[config_path] = key
+    if outcome == "applied":
+        stats["config_applied"] += 1
+        log.info("config %s applied: %s", config_path, fingerprint)
+    return outcome
+
+
+def applied_version(cur: sqlite3.Cursor) -> dict[str, Any] | None:
+    """The applied config's fingerprint, time and pid; None if none or on failure."""
+    rows = lite_db.select(
+        cur, "SELECT fingerprint, applied_at, applied_by FROM config_state WHERE fingerprint != ''"
+    )
+    if not rows:
+        return None
+    return dict(rows[0])
+
+
+def main(argv: list[str]) -> int:
+    """`python -m lite_config DB CONFIG`: apply CONFIG to DB now."""
+    if len(argv) != 2:
+        print("usage: python -m lite_config DB_PATH CONFIG_PATH", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    db_path, config_path = argv
+    cur = lite_db.cursor(db_path)
+    if cur is None:
+        return 1
+    try:
+        outcome = refresh(cur, config_path, force=True)
+    finally:
+        cur.close()
+    print(f"config {config_path}: {outcome}")
+    return 0 if outcome in ("applied", "current") else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

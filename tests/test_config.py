@@ -1,0 +1,182 @@
+"""lite_config: config.ini applied exactly once per change, bad versions never."""
+
+import logging
+import os
+import time
+
+import pytest
+from conftest import CONFIG, settle, write_config
+
+import lite_config
+
+
+def counters(other):
+    return dict(other.execute("SELECT name, value FROM counters ORDER BY position"))
+
+
+def audit_count(other):
+    return other.execute("SELECT count(*) FROM config_audit").fetchone()[0]
+
+
+def test_first_look_applies_the_config(cur, other, config_path):
+    assert lite_config.refresh(cur, str(config_path)) == "applied"
+    assert counters(other) == {"hits": 0, "misses": 0}
+    row = other.execute("SELECT fingerprint, pid FROM config_audit").fetchone()
+    assert row[1] == os.getpid()
+    assert str(os.stat(config_path).st_mtime_ns) in row[0]
+
+
+def test_an_unchanged_file_costs_no_database_work(cur, other, config_path):
+    lite_config.refresh(cur, str(config_path))
+    checks = lite_config.stats["config_checks"]
+    assert lite_config.refresh(cur, str(config_path)) == "unchanged"
+    assert lite_config.stats["config_checks"] == checks
+    assert audit_count(other) == 1
+
+
+def test_a_version_applied_by_another_process_is_not_applied_again(cur, other, config_path):
+    assert lite_config.refresh(cur, str(config_path)) == "applied"
+    lite_config._seen.clear()  # as a second process sees it
+    assert lite_config.refresh(cur, str(config_path)) == "current"
+    assert audit_count(other) == 1
+
+
+def test_a_touch_is_a_new_version_that_keeps_live_values(cur, other, config_path):
+    lite_config.refresh(cur, str(config_path))
+    other.execute("UPDATE counters SET value = 42 WHERE name = 'hits'")
+    settle(config_path, age_s=30)  # only the mtime changes
+    assert lite_config.refresh(cur, str(config_path)) == "applied"
+    assert audit_count(other) == 2
+    assert counters(other) == {"hits": 42, "misses": 0}
+
+
+def test_an_older_mtime_is_a_change_too(cur, other, config_path):
+    lite_config.refresh(cur, str(config_path))
+    settle(config_path, age_s=3600)  # compared with !=, never >
+    assert lite_config.refresh(cur, str(config_path)) == "applied"
+
+
+def test_changed_values_are_set_new_counters_added_removed_ones_deleted(cur, other, config_path):
+    lite_config.refresh(cur, str(config_path))
+    other.execute("UPDATE counters SET value = 42")
+    write_config(config_path, "[counters]\nviews = 5\nmisses = 7\n")
+    assert lite_config.refresh(cur, str(config_path)) == "applied"
+    assert counters(other) == {"views": 5, "misses": 7}
+    # Putting back a value the live counter has moved away from sets it again.
+    other.execute("UPDATE counters SET value = 99 WHERE name = 'misses'")
+    write_config(config_path, "[counters]\nviews = 5\nmisses = 0\n")
+    lite_config.refresh(cur, str(config_path))
+    assert counters(other) == {"views": 5, "misses": 0}
+
+
+def test_a_recent_file_waits_until_it_has_settled(cur, other, config_path):
+    lite_config.refresh(cur, str(config_path))
+    config_path.write_text("[counters]\nhits = 3\n")  # mtime: now
+    assert lite_config.refresh(cur, str(config_path)) == "unsettled"
+    assert counters(other) == {"hits": 0, "misses": 0}
+    time.sleep(lite_config.SETTLE_S + 0.1)
+    assert lite_config.refresh(cur, str(config_path)) == "applied"
+    assert counters(other) == {"hits": 3}
+
+
+def test_a_file_that_changes_while_read_is_not_applied(cur, other, config_path, monkeypatch):
+    lite_config.refresh(cur, str(config_path))
+    write_config(config_path, "[counters]\nhits = 3\n")
+    real_stat_key = lite_config._stat_key
+    calls = []
+
+    def stat_key_changing_mid_read(path):
+        calls.append(path)
+        if len(calls) == 2:  # the look after reading: someone wrote meanwhile
+            write_config(config_path, "[counters]\nhits = 4\nmisses = 1\n", age_s=50)
+        return real_stat_key(path)
+
+    monkeypatch.setattr(lite_config, "_stat_key", stat_key_changing_mid_read)
+    assert lite_config.refresh(cur, str(config_path)) == "unsettled"
+    assert counters(other) == {"hits": 0, "misses": 0}
+    assert lite_config.refresh(cur, str(config_path)) == "applied"
+    assert counters(other) == {"hits": 4, "misses": 1}
+
+
+BAD_CONFIGS = {
+    "empty": b"",
+    "half written": b"[coun",
+    "no section": b"hits = 1\n",
+    "other section": b"[counters]\nhits = 1\n[extra]\nx = 1\n",
+    "no counters": b"[counters]\n",
+    "duplicate": b"[counters]\nhits = 1\nhits = 2\n",
+    "not a number": b"[counters]\nhits = one\n",
+    "float": b"[counters]\nhits = 1.5\n",
+    "too big": b"[counters]\nhits = 9223372036854775808\n",
+    "unicode digits": "[counters]\nhits = \u0661\u0662\n".encode(),
+    "bad name": b"[counters]\nHits = 1\n",
+    "name with space": b"[counters]\nmy hits = 1\n",
+    "not utf-8": b"[counters]\nhits = 1\n\xff\xfe\n",
+    "oversized": b"[counters]\nhits = 1\n" + b"#" * lite_config.CONFIG_MAX_BYTES,
+    "too many": b"[counters]\n"
+    + b"".join(b"c%d = 0\n" % i for i in range(lite_config.MAX_COUNTERS + 1)),
+}
+
+
+@pytest.mark.parametrize("content", BAD_CONFIGS.values(), ids=BAD_CONFIGS.keys())
+def test_a_bad_version_is_never_applied_and_logged_once(cur, other, config_path, content, caplog):
+    lite_config.refresh(cur, str(config_path))
+    config_path.write_bytes(content)
+    settle(config_path)
+    with caplog.at_level(logging.ERROR, logger="lite_config"):
+        assert lite_config.refresh(cur, str(config_path)) == "rejected"
+        for _ in range(5):  # 5 more processes see the same bad version
+            lite_config._seen.clear()
+            assert lite_config.refresh(cur, str(config_path)) == "rejected"
+    assert len(caplog.records) == 1
+    assert counters(other) == {"hits": 0, "misses": 0}
+    assert audit_count(other) == 1
+    # A good version after the bad one is applied as usual.
+    write_config(config_path, "[counters]\nhits = 5\n")
+    assert lite_config.refresh(cur, str(config_path)) == "applied"
+    assert counters(other) == {"hits": 5}
+
+
+def test_a_missing_or_unreadable_file_keeps_the_last_good_config(cur, other, config_path, caplog):
+    lite_config.refresh(cur, str(config_path))
+    config_path.unlink()
+    with caplog.at_level(logging.ERROR, logger="lite_config"):
+        assert lite_config.refresh(cur, str(config_path)) == "rejected"
+        assert lite_config.refresh(cur, str(config_path)) == "unchanged"
+    assert "cannot read" in caplog.text
+    config_path.mkdir()  # exists, but cannot be read as a file
+    settle(config_path)
+    assert lite_config.refresh(cur, str(config_path)) == "rejected"
+    assert counters(other) == {"hits": 0, "misses": 0}
+    assert len(caplog.records) == 2
+
+
+def test_database_failure_is_retried_on_the_next_request(db_path, other, config_path, monkeypatch):
+    import lite_db
+
+    lite_db.close_all()
+    monkeypatch.setattr(lite_db, "LOCK_BUDGET_MS", 100)
+    cur = lite_db.cursor(db_path)
+    other.execute("BEGIN EXCLUSIVE")
+    assert lite_config.refresh(cur, str(config_path)) == "failed"
+    other.execute("ROLLBACK")
+    assert lite_config.refresh(cur, str(config_path)) == "applied"
+    cur.close()
+
+
+def test_command_line_applies_at_once(db_path, other, config_path, capsys):
+    config_path.write_text(CONFIG.replace("hits = 0", "hits = 9"))  # fresh mtime
+    assert lite_config.main([db_path, str(config_path)]) == 0
+    assert "applied" in capsys.readouterr().out
+    assert counters(other) == {"hits": 9, "misses": 0}
+    config_path.write_text("nonsense")
+    assert lite_config.main([db_path, str(config_path)]) == 1
+    assert lite_config.main([]) == 2
+
+
+def test_applied_version_names_fingerprint_time_and_pid(cur, config_path):
+    assert lite_config.applied_version(cur) is None
+    lite_config.refresh(cur, str(config_path))
+    version = lite_config.applied_version(cur)
+    assert version["applied_by"] == os.getpid()
+    assert abs(version["applied_at"] - time.time()) < 60

@@ -116,11 +116,21 @@ def _read_stable(path: str, settle_s: float) -> tuple[tuple[int, int, int], byte
     return key, data
 
 
-def _apply(cur: sqlite3.Cursor, fingerprint: str, counters: dict[str, int]) -> str:
+def _apply(
+    cur: sqlite3.Cursor,
+    path: str,
+    key: tuple[int, int, int],
+    fingerprint: str,
+    counters: dict[str, int],
+) -> str:
     """Work for lite_db.transact: apply `counters` unless `fingerprint` is stored.
 
-    Returns "applied", or "current" when another process applied it first.
+    Returns "applied"; "current" when another process applied it first;
+    "unsettled" when the file changed since it was read: applying it now could
+    put an older version over a newer one that another process applied.
     """
+    if _stat_key(path) != key:
+        return "unsettled"
     state = cur.execute("SELECT fingerprint, counters FROM config_state").fetchone()
     if state is not None and state["fingerprint"] == fingerprint:
         return "current"
@@ -206,9 +216,11 @@ def refresh(cur: sqlite3.Cursor, config_path: str, force: bool = False) -> str:
             log.error("config %s not applied, keeping the last good one: %s", config_path, exc)
         _seen[config_path] = key
         return "rejected"
-    outcome = lite_db.transact(cur, lambda cur: _apply(cur, fingerprint, counters))
-    if outcome is False:
-        return "failed"
+    outcome = lite_db.transact(
+        cur, lambda cur: _apply(cur, config_path, key, fingerprint, counters)
+    )
+    if outcome is False or outcome == "unsettled":
+        return "failed" if outcome is False else outcome
     _seen[config_path] = key
     if outcome == "applied":
         stats["config_applied"] += 1

@@ -15,6 +15,11 @@ def _run(target, args, results, index):
     results.put((index, target(*args)))
 
 
+def event():
+    """An event that processes from start() can wait on: a common start line."""
+    return _ctx.Event()
+
+
 def start(target, args_list):
     """Start one process per args tuple; returns (processes, results queue)."""
     results = _ctx.Queue()

@@ -180,3 +180,23 @@ def test_applied_version_names_fingerprint_time_and_pid(cur, config_path):
     version = lite_config.applied_version(cur)
     assert version["applied_by"] == os.getpid()
     assert abs(version["applied_at"] - time.time()) < 60
+
+
+def test_a_stale_read_never_puts_an_older_version_back(cur, other, config_path, monkeypatch):
+    lite_config.refresh(cur, str(config_path))
+    write_config(config_path, "[counters]\nhits = 1\n", age_s=50)  # version A
+    real_parse = lite_config.parse
+
+    def parse_while_another_process_applies_b(data):
+        result = real_parse(data)  # this process has read version A ...
+        monkeypatch.setattr(lite_config, "parse", real_parse)
+        write_config(config_path, "[counters]\nhits = 2\n", age_s=40)  # ... B replaces it
+        lite_config._seen.clear()  # as another process, which applies B
+        assert lite_config.refresh(cur, str(config_path)) == "applied"
+        return result
+
+    monkeypatch.setattr(lite_config, "parse", parse_while_another_process_applies_b)
+    assert lite_config.refresh(cur, str(config_path)) == "unsettled"
+    assert counters(other) == {"hits": 2}
+    assert audit_count(other) == 2
+    assert lite_config.refresh(cur, str(config_path)) == "unchanged"

@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# Installs what lite needs on Debian: Apache, Debian's mod_wsgi (built for
+# /usr/bin/python3), siege and wrk from apt; with --dev, also .venv (made from
+# /usr/bin/python3) with the test tools of requirements-dev.txt.
+# Idempotent: installs only what is missing. Needs root for apt-get.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PACKAGES=(apache2 libapache2-mod-wsgi-py3 siege wrk python3 python3-venv ca-certificates)
+
+missing=()
+for package in "${PACKAGES[@]}"; do
+    dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q "install ok installed" ||
+        missing+=("$package")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+    if [ "$(id -u)" -ne 0 ]; then
+        echo "setup: missing Debian packages: ${missing[*]}; run as root to install them" >&2
+        exit 1
+    fi
+    echo "setup: installing ${missing[*]}"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    # policy-rc.d 101: the packages must not start the system's own Apache.
+    policy=/usr/sbin/policy-rc.d
+    if [ ! -e "$policy" ]; then
+        printf '#!/bin/sh\nexit 101\n' > "$policy"
+        chmod 755 "$policy"
+        trap 'rm -f "$policy"' EXIT
+    fi
+    apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+if [ "${1:-}" = "--dev" ]; then
+    if [ ! -x .venv/bin/python ] || [ requirements-dev.txt -nt .venv/.installed ] ||
+        [ requirements.txt -nt .venv/.installed ]; then
+        echo "setup: preparing .venv for the tests"
+        /usr/bin/python3 -m venv .venv
+        .venv/bin/pip install -q --disable-pip-version-check -r requirements-dev.txt
+        touch .venv/.installed
+    fi
+fi

@@ -1,0 +1,164 @@
+#!/usr/bin/env bash
+# serve.sh: run lite under its own Apache + mod_wsgi on 127.0.0.1.
+#
+#   ./serve.sh [start]   install what is missing, then start (as root)
+#   ./serve.sh stop      stop it, by the PID in its PidFile
+#   ./serve.sh status    say whether it runs
+#   ./serve.sh install   install or update lite in LITE_HOME, start nothing
+#
+# Settings (environment):
+#   LITE_HOME         where lite is installed (default /srv/lite)
+#   LITE_PORT         the port on 127.0.0.1 (default 8000)
+#   LITE_USER         the daemons' user (default www-data), LITE_GROUP likewise
+#   LITE_SYNCHRONOUS  NORMAL (default) or FULL, handed to the daemons
+#
+# The Apache is private: its own ServerRoot ($LITE_HOME/apache), PidFile,
+# logs and port; it includes the shipped lite.conf as it is, and leaves the
+# system's Apache alone. The code is installed into $LITE_HOME (readable by
+# the daemon user) rather than served from this checkout, which that user may
+# not be allowed to read.
+set -euo pipefail
+
+SRC=$(cd "$(dirname "$0")" && pwd)
+export LITE_HOME=${LITE_HOME:-/srv/lite}
+export LITE_USER=${LITE_USER:-www-data}
+export LITE_GROUP=${LITE_GROUP:-$LITE_USER}
+LITE_PORT=${LITE_PORT:-8000}
+APACHE_DIR=$LITE_HOME/apache
+PIDFILE=$APACHE_DIR/run/httpd.pid
+URL=http://127.0.0.1:$LITE_PORT/lite
+START_TIMEOUT_S=60
+STOP_TIMEOUT_S=30
+
+say() { echo "serve: $*"; }
+fail() {
+    echo "serve: $*" >&2
+    exit 1
+}
+
+running_pid() {
+    local pid
+    [ -f "$PIDFILE" ] || return 1
+    pid=$(cat "$PIDFILE")
+    [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null && echo "$pid"
+}
+
+write_httpd_conf() {
+    cat >"$APACHE_DIR/httpd.conf" <<EOF
+# Written by serve.sh: a private Apache for lite. Edit lite.conf, not this.
+ServerRoot "$APACHE_DIR"
+ServerName 127.0.0.1
+Listen 127.0.0.1:$LITE_PORT
+PidFile "$PIDFILE"
+DefaultRuntimeDir "$APACHE_DIR/run"
+Mutex file:$APACHE_DIR/run default
+ErrorLog "$APACHE_DIR/logs/error.log"
+LogLevel warn
+
+LoadModule mpm_event_module /usr/lib/apache2/modules/mod_mpm_event.so
+LoadModule authz_core_module /usr/lib/apache2/modules/mod_authz_core.so
+LoadModule wsgi_module /usr/lib/apache2/modules/mod_wsgi.so
+
+# Apache's own workers; the app runs in lite.conf's mod_wsgi daemons.
+User $LITE_USER
+Group $LITE_GROUP
+WSGISocketPrefix "$APACHE_DIR/run/wsgi"
+
+Define LITE_HOME $LITE_HOME
+Define LITE_USER $LITE_USER
+Define LITE_GROUP $LITE_GROUP
+Include "$APACHE_DIR/lite.conf"
+EOF
+}
+
+install_lite() {
+    [ "$(id -u)" -eq 0 ] || fail "run as root: it installs packages and starts Apache"
+    "$SRC/scripts/setup.sh"
+    install -d -m 0755 "$LITE_HOME" "$LITE_HOME/app" "$APACHE_DIR" "$APACHE_DIR/run" \
+        "$APACHE_DIR/logs"
+    install -m 0644 "$SRC/lite_app.py" "$SRC/lite_db.py" "$SRC/lite_config.py" "$LITE_HOME/app/"
+    if [ ! -e "$LITE_HOME/app/config.ini" ]; then
+        install -m 0644 "$SRC/config.ini" "$LITE_HOME/app/config.ini"
+    fi
+    install -m 0644 "$SRC/lite.conf" "$APACHE_DIR/lite.conf"
+    if ! cmp -s "$SRC/requirements.txt" "$LITE_HOME/venv/requirements.txt" 2>/dev/null; then
+        say "making the venv $LITE_HOME/venv from /usr/bin/python3"
+        /usr/bin/python3 -m venv "$LITE_HOME/venv"
+        "$LITE_HOME/venv/bin/pip" install -q --disable-pip-version-check -r "$SRC/requirements.txt"
+        cp "$SRC/requirements.txt" "$LITE_HOME/venv/requirements.txt"
+    fi
+    "$SRC/resetapp.sh"
+    write_httpd_conf
+    /usr/sbin/apache2 -t -f "$APACHE_DIR/httpd.conf" 2>&1 | grep -v "Syntax OK" || true
+}
+
+wait_until_serving() {
+    /usr/bin/python3 - "$URL/get" "$START_TIMEOUT_S" <<'EOF'
+import sys, time, urllib.request
+url, timeout = sys.argv[1], float(sys.argv[2])
+deadline = time.monotonic() + timeout
+while True:
+    try:
+        with urllib.request.urlopen(url, timeout=5) as res:
+            if res.status == 200:
+                sys.exit(0)
+    except OSError as exc:
+        error = exc
+    if time.monotonic() > deadline:
+        sys.exit(f"serve: no answer from {url} within {timeout:.0f} s: {error}")
+    time.sleep(0.2)
+EOF
+}
+
+start() {
+    if pid=$(running_pid); then
+        say "already running (PID $pid): $URL"
+        return 0
+    fi
+    install_lite
+    say "starting Apache on 127.0.0.1:$LITE_PORT"
+    env LANG=C.UTF-8 LC_ALL=C.UTF-8 LITE_SYNCHRONOUS="${LITE_SYNCHRONOUS:-NORMAL}" \
+        /usr/sbin/apache2 -f "$APACHE_DIR/httpd.conf" -k start
+    if ! wait_until_serving; then
+        tail -n 20 "$APACHE_DIR/logs/error.log" >&2 || true
+        stop
+        exit 1
+    fi
+    say "lite is up: $URL (Apache PID $(running_pid), 20 daemons as $LITE_USER)"
+    say "logs: $APACHE_DIR/logs/error.log; stop with: $0 stop"
+}
+
+stop() {
+    local pid waited=0
+    if ! pid=$(running_pid); then
+        say "not running"
+        rm -f "$PIDFILE"
+        return 0
+    fi
+    # SIGTERM: Apache stops its workers and the mod_wsgi daemons, then exits.
+    kill -TERM "$pid"
+    while kill -0 "$pid" 2>/dev/null; do
+        if [ "$waited" -ge $((STOP_TIMEOUT_S * 10)) ]; then
+            say "Apache (PID $pid) did not stop within $STOP_TIMEOUT_S s; killing it"
+            kill -KILL "$pid" 2>/dev/null || true
+            break
+        fi
+        sleep 0.1
+        waited=$((waited + 1))
+    done
+    rm -f "$PIDFILE"
+    say "stopped (PID $pid)"
+}
+
+case "${1:-start}" in
+    start) start ;;
+    stop) stop ;;
+    status)
+        if pid=$(running_pid); then say "running (PID $pid): $URL"; else say "not running"; exit 3; fi
+        ;;
+    install) install_lite ;;
+    *)
+        sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//'
+        exit 2
+        ;;
+esac

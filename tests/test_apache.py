@@ -170,6 +170,15 @@ def test_no_file_of_the_deployment_is_reachable(deployment, path):
     assert "import" not in body
 
 
+def test_an_oversized_body_is_refused_and_changes_nothing(deployment):
+    _, _, body = deployment.request("/lite/get")
+    before = json.loads(body)["value"]
+    status, _, _ = deployment.request("/lite/inc", data=b"counter=hits&pad=" + b"x" * 70_000)
+    assert status == 413
+    _, _, body = deployment.request("/lite/get")
+    assert json.loads(body)["value"] == before
+
+
 def test_the_database_directory_is_the_daemon_users_alone(deployment):
     data = os.path.dirname(deployment.db)
     st = os.stat(data)

@@ -35,6 +35,7 @@ from typing import Any
 LOCK_BUDGET_MS = 3000  # 3 s: total wait for the database lock per call
 RETRY_SLEEP_MAX_S = 0.002  # 2 ms: upper bound of one jittered retry sleep
 JOURNAL_SIZE_LIMIT_BYTES = 4 * 1024 * 1024  # 4 MiB: -wal size kept after a checkpoint
+CHECKPOINT_INTERVAL_S = 1.0  # 1 s: least time between two checkpoints of one process
 SYNCHRONOUS_MODES = ("NORMAL", "FULL")
 MAX_INTEGER = 2**63 - 1  # largest value SQLite stores as an INTEGER
 
@@ -70,6 +71,7 @@ stats = {
     "write_failures": 0,
     "busy_retries": 0,
     "lock_wait_s": 0.0,
+    "checkpoints": 0,
 }
 
 _connections: dict[str, tuple[int, sqlite3.Connection]] = {}
@@ -78,6 +80,7 @@ _connections: dict[str, tuple[int, sqlite3.Connection]] = {}
 # and unlock logic against locks that belong to the parent.
 _inherited: list[sqlite3.Connection] = []
 _columns_cache: dict[tuple[int, str], tuple[str, ...]] = {}
+_last_checkpoint: dict[int, float] = {}  # id(connection) -> time.monotonic()
 _FAILED = object()  # what _read returns on failure, so that None can mean "no row"
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 
@@ -97,6 +100,11 @@ def _open(path: str) -> sqlite3.Connection:
         conn.execute(f"PRAGMA synchronous = {_synchronous()}")
         conn.execute("PRAGMA foreign_keys = ON")
         conn.execute(f"PRAGMA journal_size_limit = {JOURNAL_SIZE_LIMIT_BYTES}")
+        # Checkpoints are run by _checkpoint_now_and_then, not after every
+        # commit once the WAL passes 1000 pages: while readers keep a
+        # checkpoint from finishing, SQLite would retry it (and fsync) on
+        # every commit.
+        conn.execute("PRAGMA wal_autocheckpoint = 0")
         if not conn.execute("SELECT 1 FROM sqlite_schema WHERE name = 'config_audit'").fetchone():
             conn.executescript(SCHEMA)
     except BaseException:
@@ -146,13 +154,40 @@ def _retrying(cur: sqlite3.Cursor, attempt: Callable[[], Any]) -> Any:
             cur.execute(f"PRAGMA busy_timeout = {LOCK_BUDGET_MS}")
 
 
-def _write(cur: sqlite3.Cursor, work: Callable[[sqlite3.Cursor], Any], what: str) -> Any:
-    """Run `work(cur)` in one BEGIN IMMEDIATE transaction, with retries.
+def _checkpoint_now_and_then(cur: sqlite3.Cursor) -> None:
+    """A passive checkpoint, at most once per CHECKPOINT_INTERVAL_S per connection.
 
-    Returns work's result, or False after logging and counting a failure.
+    Passive: it copies what no reader still needs from the WAL into the
+    database and never waits for readers or writers. A failure loses nothing
+    (the WAL keeps every commit) and is only logged.
+    """
+    now = time.monotonic()
+    key = id(cur.connection)
+    last = _last_checkpoint.get(key)
+    if last is not None and now - last < CHECKPOINT_INTERVAL_S:
+        return
+    _last_checkpoint[key] = now
+    try:
+        cur.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+        stats["checkpoints"] += 1
+    except sqlite3.Error as exc:
+        log.warning("checkpoint failed: %s", exc)
+
+
+def _write(
+    cur: sqlite3.Cursor, work: Callable[[sqlite3.Cursor], Any], what: str, one_statement: bool
+) -> Any:
+    """Run `work(cur)` as one write transaction, with retries.
+
+    `one_statement`: work runs exactly one statement, which is then its own
+    transaction: SQLite takes the write lock as the statement starts, before
+    it reads anything, as BEGIN IMMEDIATE does, and holds it only while
+    SQLite runs that statement, never while Python runs. Otherwise work runs
+    between BEGIN IMMEDIATE and COMMIT. Returns work's result, or False after
+    logging and counting a failure.
     """
 
-    def attempt() -> Any:
+    def in_transaction() -> Any:
         cur.execute("BEGIN IMMEDIATE")
         try:
             result = work(cur)
@@ -165,11 +200,13 @@ def _write(cur: sqlite3.Cursor, work: Callable[[sqlite3.Cursor], Any], what: str
 
     stats["writes"] += 1
     try:
-        return _retrying(cur, attempt)
+        result = _retrying(cur, (lambda: work(cur)) if one_statement else in_transaction)
     except sqlite3.Error as exc:
         stats["write_failures"] += 1
         log.error("write failed (%s): %s", what, exc)
         return False
+    _checkpoint_now_and_then(cur)
+    return result
 
 
 def _read(cur: sqlite3.Cursor, fetch: Callable[[], Any], what: str) -> Any:
@@ -282,7 +319,7 @@ def transact(
         result = run(cur)
         return True if result is None else result
 
-    return _write(cur, run_and_mark, "transact")
+    return _write(cur, run_and_mark, "transact", one_statement=False)
 
 
 def transact_one(cur: sqlite3.Cursor, sql: str, params: Sequence[Any] = ()) -> Any:
@@ -297,7 +334,7 @@ def transact_one(cur: sqlite3.Cursor, sql: str, params: Sequence[Any] = ()) -> A
         rows = cur.execute(sql, params).fetchall()
         return rows[0] if rows else True
 
-    return _write(cur, run, sql.split(None, 1)[0] if sql.strip() else "empty")
+    return _write(cur, run, sql.split(None, 1)[0] if sql.strip() else "empty", one_statement=True)
 
 
 def transact_many(cur: sqlite3.Cursor, sql: str, seq_of_params: Iterable[Sequence[Any]]) -> bool:
@@ -313,7 +350,7 @@ def transact_many(cur: sqlite3.Cursor, sql: str, seq_of_params: Iterable[Sequenc
         cur.executemany(sql, rows)
         return True
 
-    return _write(cur, run, "transact_many")
+    return _write(cur, run, "transact_many", one_statement=False)
 
 
 def get(cur: sqlite3.Cursor, table: str, key: Any, attr: str, default: Any = None) -> Any:
@@ -366,7 +403,7 @@ def upsert(cur: sqlite3.Cursor, table: str, row: dict[str, Any]) -> bool:
         cur.execute(sql, values)
         return True
 
-    return _write(cur, run, f"upsert {table}")
+    return _write(cur, run, f"upsert {table}", one_statement=True)
 
 
 def increment(cur: sqlite3.Cursor, name: str, by: int = 1) -> Any:

@@ -11,6 +11,8 @@
 #   LITE_PORT         the port on 127.0.0.1 (default 8000)
 #   LITE_USER         the daemons' user (default www-data), LITE_GROUP likewise
 #   LITE_SYNCHRONOUS  NORMAL (default) or FULL, handed to the daemons
+#   LITE_WSGI_SCRIPT  the script in $LITE_HOME/app to serve (default
+#                     lite_app.py; the benchmark serves its own apps)
 #
 # The Apache is private: its own ServerRoot ($LITE_HOME/apache), PidFile,
 # logs and port; it includes the shipped lite.conf as it is, and leaves the
@@ -67,6 +69,7 @@ WSGISocketPrefix "$APACHE_DIR/run/wsgi"
 Define LITE_HOME $LITE_HOME
 Define LITE_USER $LITE_USER
 Define LITE_GROUP $LITE_GROUP
+Define LITE_WSGI_SCRIPT ${LITE_WSGI_SCRIPT:-lite_app.py}
 Include "$APACHE_DIR/lite.conf"
 EOF
 }

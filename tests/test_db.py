@@ -30,6 +30,7 @@ def test_every_pragma_is_set_on_a_new_connection(db_path):
     assert (
         conn.execute("PRAGMA journal_size_limit").fetchone()[0] == lite_db.JOURNAL_SIZE_LIMIT_BYTES
     )
+    assert conn.execute("PRAGMA wal_autocheckpoint").fetchone()[0] == 0
     assert conn.isolation_level is None
 
 
@@ -315,3 +316,19 @@ def test_an_unopenable_database_gives_no_cursor(tmp_path, caplog):
     with caplog.at_level(logging.ERROR, logger="lite_db"):
         assert lite_db.cursor(path) is None
     assert path in caplog.text
+
+
+def test_writes_checkpoint_the_wal_at_most_once_per_interval(cur, other, monkeypatch):
+    other.execute("INSERT INTO counters VALUES ('a', 0, 0)")
+    monkeypatch.setattr(lite_db, "CHECKPOINT_INTERVAL_S", 3600)
+    lite_db._last_checkpoint.clear()
+    before = lite_db.stats["checkpoints"]
+    for _ in range(50):
+        assert lite_db.increment(cur, "a", 1)
+    assert lite_db.stats["checkpoints"] == before + 1  # the first write's
+    frames = cur.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+    assert frames[1] > 0 and frames[2] < frames[1]  # 49 commits wait in the WAL
+    monkeypatch.setattr(lite_db, "CHECKPOINT_INTERVAL_S", 0)
+    assert lite_db.increment(cur, "a", 1)
+    busy, wal_frames, checkpointed = cur.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+    assert (busy, checkpointed) == (0, wal_frames)  # the write checkpointed them all

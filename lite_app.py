@@ -44,6 +44,10 @@ _BY = re.compile(r"[1-9][0-9]{0,6}\Z")
 
 log = logging.getLogger(__name__)
 
+# The first counter of the applied config, per connection (so per process and
+# database); dropped whenever this process sees config.ini change.
+_first_counter: dict[int, str] = {}
+
 PAGE = """<!DOCTYPE html>
 <html lang="en">
 <head>
@@ -113,7 +117,9 @@ def _json_error(err: bottle.HTTPError) -> str:
 
 def _param(name: str) -> str | None:
     """The one value of query or form parameter `name`; None if absent."""
-    values = bottle.request.params.getall(name)
+    values = bottle.request.query.getall(name)
+    if bottle.request.method == "POST":
+        values += bottle.request.forms.getall(name)
     if len(values) > 1:
         raise _json(400, {"error": f"give {name} once"})
     return values[0] if values else None
@@ -123,12 +129,15 @@ def _counter_name(cur: sqlite3.Cursor) -> str:
     """The counter a request names, or the first configured one."""
     name = _param("counter")
     if name is None:
-        rows = lite_db.select(cur, "SELECT name FROM counters ORDER BY position LIMIT 1")
-        if rows is None:
-            raise _unavailable()
-        if not rows:
-            raise _json(404, {"error": "no counters configured"})
-        return rows[0]["name"]
+        key = id(cur.connection)
+        if key not in _first_counter:
+            rows = lite_db.select(cur, "SELECT name FROM counters ORDER BY position LIMIT 1")
+            if rows is None:
+                raise _unavailable()
+            if not rows:
+                raise _json(404, {"error": "no counters configured"})
+            _first_counter[key] = rows[0]["name"]
+        return _first_counter[key]
     if not lite_config.COUNTER_NAME.match(name):
         raise _json(400, {"error": "counter: use 1-64 of a-z, 0-9, _ and -"})
     return name
@@ -209,7 +218,8 @@ class LitePlugin:
             if cur is None:
                 raise _unavailable()
             try:
-                lite_config.refresh(cur, self.config_path)
+                if lite_config.refresh(cur, self.config_path) != "unchanged":
+                    _first_counter.pop(id(cur.connection), None)
                 if wants_cursor:
                     kwargs[self.keyword] = cur
                 return callback(*args, **kwargs)

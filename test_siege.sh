@@ -31,6 +31,7 @@ COUNTER=hits
 CONFIG=$LITE_HOME/app/config.ini
 DB=$LITE_HOME/app/data/lite.db
 ERROR_LOG=$LITE_HOME/apache/logs/error.log
+SIEGERC=$(cd "$(dirname "$0")" && pwd)/siegerc # siege's settings, for repeatable runs
 CONFIG_WAIT_S=15 # how long a touched config may take to be applied
 
 WORK=$(mktemp -d)
@@ -44,27 +45,6 @@ cleanup() {
 }
 trap cleanup EXIT
 
-cat >"$WORK/siegerc" <<'EOF'
-# siege's settings for these tests: one line per request on stdout, the
-# summary on stderr, nothing fetched but the URL given.
-verbose = true
-quiet = false
-color = off
-json_output = false
-show-logfile = false
-logging = false
-parser = false
-protocol = HTTP/1.1
-# siege 4.0.7 with keep-alive counts a connection the server ends (Apache's
-# MaxKeepAliveRequests) as a failed transaction ("read error Resource
-# temporarily unavailable"): a new connection per request is the fair test.
-connection = close
-timeout = 30
-failures = 1000000
-limit = 255
-internet = false
-cache = false
-EOF
 
 value_of() {
     /usr/bin/python3 -c '
@@ -139,7 +119,7 @@ run() { # NAME EXPECTED_REQUESTS EXPECTED_DELTA SIEGE_ARGS...
     before=$(value_of "$COUNTER")
     offset=$(log_size)
     echo "test_siege: $name: siege $*" >&2
-    siege -R "$WORK/siegerc" "$@" >"$WORK/$name.out" 2>"$WORK/$name.err" || true
+    siege -R "$SIEGERC" "$@" >"$WORK/$name.out" 2>"$WORK/$name.err" || true
     check "$name" "$expected" "$delta" "$before" "$offset"
 }
 
@@ -165,7 +145,7 @@ read -r audit_before _ < <(audit)
 before=$(value_of "$COUNTER")
 offset=$(log_size)
 echo "test_siege: $name: siege -c $USERS -r $WRITES -d $DELAY, touching $CONFIG" >&2
-siege -R "$WORK/siegerc" -c "$USERS" -r "$WRITES" -d "$DELAY" "$INC" \
+siege -R "$SIEGERC" -c "$USERS" -r "$WRITES" -d "$DELAY" "$INC" \
     >"$WORK/$name.out" 2>"$WORK/$name.err" &
 siege_pid=$!
 sleep 2

@@ -31,6 +31,7 @@ def fresh_process_state():
     yield
     lite_db.close_all()
     lite_config._seen.clear()
+    lite_app._first_counter.clear()
 
 
 @pytest.fixture

@@ -1,0 +1,331 @@
+"""lite's benchmark: each app under the same private Apache + mod_wsgi as lite.conf.
+
+    sudo .venv/bin/python bench/run.py [--seconds 10] [--rounds 3]
+
+Installs lite with serve.sh into a scratch LITE_HOME, adds the benchmark's own
+apps beside lite_app.py, and in each round serves, one after another, with
+the same lite.conf (processes=20 threads=1):
+
+- hello       bench/hello_app.py: a constant, the server's ceiling
+- minimal     bench/minimal_app.py: the least SQLite work a counter can be (one
+              statement, no checks, no retries): SQLite's own cost here
+- lite        lite_app.py, synchronous=NORMAL
+- lite-full   lite_app.py, synchronous=FULL
+- naive       bench/naive_app.py: a connection per request, SELECT then UPDATE
+
+Each app's GET /lite/get and POST /lite/inc are driven by wrk (20 connections,
+fixed time) and by siege (-b -c20, a fixed number of requests). For POSTs the
+counter is read before and after: acknowledged (2xx) minus the counter's delta
+is what was lost. Then SQLite alone (bench/sqlite_alone.py). Ratios to hello
+are taken within a round, and the median over rounds is reported. Writes
+results.json, results.md and results.png into --out (default bench/).
+"""
+
+import argparse
+import json
+import os
+import platform
+import re
+import shutil
+import sqlite3
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+sys.path.insert(0, HERE)
+
+import sqlite_alone  # noqa: E402
+
+APPS = [
+    ("hello", "hello_app.py", "NORMAL"),
+    ("minimal", "minimal_app.py", "NORMAL"),
+    ("lite", "lite_app.py", "NORMAL"),
+    ("lite-full", "lite_app.py", "FULL"),
+    ("naive", "naive_app.py", "NORMAL"),
+]
+CONNECTIONS = 20
+POST_BODY = "counter=hits"
+
+
+def run(cmd: list[str], env: dict | None = None, timeout: float = 600) -> str:
+    done = subprocess.run(
+        cmd, env=env, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL
+    )
+    if done.returncode != 0:
+        raise RuntimeError(f"{cmd[0]} failed ({done.returncode}): {done.stdout}{done.stderr}")
+    return done.stdout
+
+
+def counter(base: str) -> int:
+    with urllib.request.urlopen(f"{base}/lite/get?counter=hits", timeout=30) as res:
+        return json.load(res)["value"]
+
+
+def wrk(url: str, seconds: float, post: bool) -> dict:
+    env = dict(os.environ)
+    env.pop("WRK_BODY", None)
+    if post:
+        env["WRK_BODY"] = POST_BODY
+    out = run(
+        [
+            "wrk",
+            "-t2",
+            f"-c{CONNECTIONS}",
+            f"-d{seconds}s",
+            "--timeout",
+            "10s",
+            "-s",
+            os.path.join(HERE, "wrk_count.lua"),
+            url,
+        ],
+        env=env,
+        timeout=seconds + 60,
+    )
+    status_line = re.search(r"^STATUS(.*)$", out, re.MULTILINE).group(1)
+    statuses = {int(k): int(v) for k, v in re.findall(r"(\d+)=(\d+)", status_line)}
+    p50, p99 = map(int, re.search(r"LATENCY p50=(\d+) p99=(\d+)", out).groups())
+    errors = sum(int(n) for n in re.findall(r"=(\d+)", re.search(r"ERRORS (.*)", out).group(1)))
+    ok = sum(n for status, n in statuses.items() if 200 <= status < 300)
+    return {
+        "req_per_s": float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1)),
+        "ok": ok,
+        "non_2xx": sum(statuses.values()) - ok,
+        "socket_errors": errors,
+        "p50_ms": p50 / 1000,
+        "p99_ms": p99 / 1000,
+    }
+
+
+def siege(url: str, requests_per_user: int, post: bool, rc: str) -> dict:
+    target = f"{url} POST {POST_BODY}" if post else url
+    done = subprocess.run(
+        ["siege", "-R", rc, "-b", f"-c{CONNECTIONS}", f"-r{requests_per_user}", target],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        stdin=subprocess.DEVNULL,
+    )
+    lines = [line for line in done.stdout.splitlines() if line.startswith("HTTP/")]
+    ok = sum(1 for line in lines if re.match(r"HTTP/[\d.]+ 2\d\d ", line))
+    rate = re.search(r"Transaction rate:\s+([\d.]+)", done.stderr)
+    failed = re.search(r"Failed transactions:\s+(\d+)", done.stderr)
+    return {
+        "req_per_s": float(rate.group(1)) if rate else 0.0,
+        "ok": ok,
+        "non_2xx": len(lines) - ok,
+        "socket_errors": int(failed.group(1)) if failed else -1,
+        "sent": len(lines),
+    }
+
+
+def drive(base: str, seconds: float, rc: str, siege_requests: int) -> dict:
+    """Every measurement of one served app: wrk and siege, GET and POST."""
+    url_get, url_inc = f"{base}/lite/get?counter=hits", f"{base}/lite/inc"
+    wrk(url_get, 1, post=False)  # warm every daemon up
+    result = {"wrk_get": wrk(url_get, seconds, post=False)}
+    before = counter(base)
+    result["wrk_inc"] = wrk(url_inc, seconds, post=True)
+    result["wrk_inc"]["delta"] = counter(base) - before
+    result["siege_get"] = siege(url_get, siege_requests, post=False, rc=rc)
+    before = counter(base)
+    result["siege_inc"] = siege(url_inc, siege_requests, post=True, rc=rc)
+    result["siege_inc"]["delta"] = counter(base) - before
+    for key in ("wrk_inc", "siege_inc"):
+        r = result[key]
+        r["lost"] = max(0, r["ok"] - r["delta"])  # acknowledged, not counted
+    return result
+
+
+def machine() -> dict:
+    cpu = "unknown"
+    with open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    apache = run(["/usr/sbin/apache2", "-v"]).splitlines()[0].split(":", 1)[1].strip()
+    return {
+        "cpus": os.cpu_count(),
+        "cpu": cpu,
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "sqlite": sqlite3.sqlite_version,
+        "apache": apache,
+    }
+
+
+def prepare(home: str, port: int) -> dict:
+    env = {**os.environ, "LITE_HOME": home, "LITE_PORT": str(port)}
+    run([os.path.join(ROOT, "serve.sh"), "install"], env=env)
+    app = os.path.join(home, "app")
+    for name in ("hello_app.py", "minimal_app.py", "naive_app.py"):
+        shutil.copy(os.path.join(HERE, name), app)
+    # The naive app's table, made once, as the daemon user.
+    naive_db = os.path.join(app, "data", "naive.db")
+    run(
+        [
+            "runuser",
+            "-u",
+            "www-data",
+            "--",
+            "/usr/bin/python3",
+            "-c",
+            "import sqlite3, sys; db = sqlite3.connect(sys.argv[1]); "
+            "db.execute('CREATE TABLE IF NOT EXISTS counters "
+            "(name TEXT PRIMARY KEY, value INTEGER)'); "
+            "db.execute(\"INSERT OR IGNORE INTO counters VALUES ('hits', 0)\"); db.commit()",
+            naive_db,
+        ]
+    )
+    return env
+
+
+def serve(env: dict, script: str, synchronous: str, action: str) -> None:
+    run(
+        [os.path.join(ROOT, "serve.sh"), action],
+        env={**env, "LITE_WSGI_SCRIPT": script, "LITE_SYNCHRONOUS": synchronous},
+    )
+
+
+def summarize(rounds: list[dict]) -> dict:
+    """Medians over rounds of each figure, and of each ratio to hello."""
+    summary = {}
+    for app, *_ in APPS:
+        summary[app] = {}
+        for key in rounds[0][app]:
+            figures = {}
+            for field in rounds[0][app][key]:
+                figures[field] = statistics.median(r[app][key][field] for r in rounds)
+            ratio = [r[app][key]["req_per_s"] / r["hello"][key]["req_per_s"] for r in rounds]
+            figures["ratio_to_hello"] = round(statistics.median(ratio), 3)
+            figures["lost_total"] = sum(r[app][key].get("lost", 0) for r in rounds)
+            figures["non_2xx_total"] = sum(r[app][key]["non_2xx"] for r in rounds)
+            summary[app][key] = figures
+    return summary
+
+
+def table(summary: dict, alone: list[dict]) -> str:
+    lines = [
+        "| app | driver | route | req/s | x hello | non-2xx | socket errors "
+        "| acked | counter Δ | lost | p50 ms | p99 ms |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for app, figures in summary.items():
+        for key, f in figures.items():
+            driver, route = key.split("_")
+            lines.append(
+                f"| {app} | {driver} | {'GET /lite/get' if route == 'get' else 'POST /lite/inc'} "
+                f"| {f['req_per_s']:.0f} | {f['ratio_to_hello']:.2f} | {f['non_2xx_total']:.0f} "
+                f"| {f['socket_errors']:.0f} | {f['ok']:.0f} "
+                f"| {f.get('delta', '') if route == 'inc' else ''} "
+                f"| {f['lost_total'] if route == 'inc' else ''} "
+                f"| {f.get('p50_ms', '')} | {f.get('p99_ms', '')} |"
+            )
+    lines += [
+        "",
+        "| SQLite alone | processes | tx/s | locked errors | exact |",
+        "|---|---:|---:|---:|---|",
+    ]
+    for row in alone:
+        lines.append(
+            f"| synchronous={row['synchronous']} | {row['processes']} "
+            f"| {row['tx_per_s']} | {row['locked_errors']} | {row['exact']} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def chart(summary: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    apps = list(summary)
+    keys = [("wrk_get", "GET /lite/get"), ("wrk_inc", "POST /lite/inc")]
+    fig, ax = plt.subplots(figsize=(8, 4.2), dpi=110)
+    width = 0.38
+    for i, (key, label) in enumerate(keys):
+        values = [summary[app][key]["req_per_s"] for app in apps]
+        xs = [x + (i - 0.5) * width for x in range(len(apps))]
+        bars = ax.bar(xs, values, width, label=label)
+        for bar, app in zip(bars, apps, strict=True):
+            f = summary[app][key]
+            note = f"{f['ratio_to_hello']:.2f}x"
+            if key == "wrk_inc" and f["lost_total"]:
+                note += f"\n{f['lost_total']:.0f} lost"
+            ax.annotate(
+                note,
+                (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+                ha="center",
+                va="bottom",
+                fontsize=8,
+            )
+    ax.set_xticks(range(len(apps)), apps)
+    ax.set_ylabel("requests/s (wrk, 20 connections, median of rounds)")
+    ax.set_title("lite under Apache + mod_wsgi, processes=20 threads=1")
+    ax.legend()
+    ax.margins(y=0.2)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=int, default=10, help="each wrk run (10)")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds over all apps (3)")
+    parser.add_argument("--siege-requests", type=int, default=500, help="per user (500)")
+    parser.add_argument("--port", type=int, default=8100)
+    parser.add_argument("--out", default=HERE, help="where results go (bench/)")
+    args = parser.parse_args(argv)
+    if os.geteuid() != 0:
+        sys.exit("bench: run as root (it installs and starts a private Apache)")
+
+    home = tempfile.mkdtemp(prefix="lite-bench-", dir="/tmp")
+    os.chmod(home, 0o755)
+    rc = os.path.join(ROOT, "siegerc")
+    env = prepare(home, args.port)
+    base = f"http://127.0.0.1:{args.port}"
+    rounds = []
+    try:
+        for number in range(1, args.rounds + 1):
+            results = {}
+            for app, script, synchronous in APPS:
+                print(f"bench: round {number}: {app}", file=sys.stderr)
+                serve(env, script, synchronous, "start")
+                try:
+                    results[app] = drive(base, args.seconds, rc, args.siege_requests)
+                finally:
+                    serve(env, script, synchronous, "stop")
+            rounds.append(results)
+    finally:
+        shutil.rmtree(home, ignore_errors=True)
+    print("bench: SQLite alone", file=sys.stderr)
+    alone = sqlite_alone.measure_all(args.seconds)
+    summary = summarize(rounds)
+    os.makedirs(args.out, exist_ok=True)
+    report = {
+        "machine": machine(),
+        "command": "sudo .venv/bin/python bench/run.py " + " ".join(argv),
+        "when": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
+        "settings": vars(args) | {"connections": CONNECTIONS},
+        "summary": summary,
+        "sqlite_alone": alone,
+        "rounds": rounds,
+    }
+    with open(os.path.join(args.out, "results.json"), "w") as f:
+        json.dump(report, f, indent=1)
+    with open(os.path.join(args.out, "results.md"), "w") as f:
+        f.write(table(summary, alone))
+    chart(summary, os.path.join(args.out, "results.png"))
+    print(table(summary, alone))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,47 @@
+"""A smoke run of the benchmark, so that it cannot rot: tiny sizes, no timing checks.
+
+It does check what must hold at any speed: lite answers every request 2xx
+and loses no acknowledged increment.
+"""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+pytestmark = [pytest.mark.apache, pytest.mark.slow]
+
+
+def test_the_benchmark_runs_and_lite_loses_nothing(tmp_path):
+    if os.geteuid() != 0:
+        pytest.fail("the benchmark runs as root (run it through ./test.sh)")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    args = ["--seconds", "1", "--rounds", "1", "--siege-requests", "3", "--port", str(port)]
+    subprocess.run(
+        [sys.executable, os.path.join(ROOT, "bench", "run.py"), *args, "--out", str(tmp_path)],
+        check=True,
+        timeout=600,
+        stdin=subprocess.DEVNULL,
+    )
+    report = json.loads((tmp_path / "results.json").read_text())
+    assert set(report["summary"]) == {"hello", "minimal", "lite", "lite-full", "naive"}
+    assert report["machine"]["sqlite"]
+    for app in ("lite", "lite-full"):
+        for key, figures in report["summary"][app].items():
+            assert figures["non_2xx_total"] == 0, (app, key)
+            assert figures["socket_errors"] == 0, (app, key)
+            if key.endswith("_inc"):
+                assert figures["lost_total"] == 0, (app, key)
+                assert figures["ok"] > 0
+    siege_inc = report["rounds"][0]["lite"]["siege_inc"]
+    assert siege_inc["ok"] == siege_inc["delta"] == 20 * 3  # exact, siege sends a fixed count
+    assert all(row["exact"] for row in report["sqlite_alone"])
+    assert (tmp_path / "results.png").stat().st_size > 0
+    assert "| lite | wrk | POST /lite/inc |" in (tmp_path / "results.md").read_text()

@@ -64,13 +64,14 @@ CREATE TABLE IF NOT EXISTS config_audit (
 log = logging.getLogger(__name__)
 
 # Per-process figures; a forked child starts from its parent's numbers.
+# db_time_s: seconds spent in database calls, waits for the lock included.
 stats = {
     "reads": 0,
     "read_failures": 0,
     "writes": 0,
     "write_failures": 0,
     "busy_retries": 0,
-    "lock_wait_s": 0.0,
+    "db_time_s": 0.0,
     "checkpoints": 0,
 }
 
@@ -149,7 +150,7 @@ def _retrying(cur: sqlite3.Cursor, attempt: Callable[[], Any]) -> Any:
                 cur.execute(f"PRAGMA busy_timeout = {remaining_ms}")
                 narrowed = True
     finally:
-        stats["lock_wait_s"] += time.monotonic() - started
+        stats["db_time_s"] += time.monotonic() - started
         if narrowed:
             cur.execute(f"PRAGMA busy_timeout = {LOCK_BUDGET_MS}")
 

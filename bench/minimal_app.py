@@ -1,8 +1,8 @@
 """The least SQLite work a counter can be, for the benchmark to measure.
 
-One connection per process (WAL, synchronous=NORMAL, autocheckpoint off as in
-lite), one statement per request, and nothing else: no validation, no config
-check, no retries, no error handling. What this app loses against hello is
+One connection per process (WAL, synchronous from LITE_SYNCHRONOUS and
+autocheckpoint off, as in lite), one statement per request, and nothing else:
+no validation, no config check, no retries, no error handling. What this app loses against hello is
 what SQLite itself costs under this server; what lite loses against this app
 is lite's own overhead. Do not copy it: it has none of lite's safety.
 """
@@ -21,7 +21,8 @@ _connection = []
 def _cursor() -> sqlite3.Cursor:
     if not _connection:
         db = sqlite3.connect(DB_PATH, isolation_level=None, timeout=3)
-        db.execute("PRAGMA synchronous = NORMAL")
+        synchronous = "FULL" if os.environ.get("LITE_SYNCHRONOUS") == "FULL" else "NORMAL"
+        db.execute(f"PRAGMA synchronous = {synchronous}")
         db.execute("PRAGMA wal_autocheckpoint = 0")
         _connection.append(db)
     return _connection[0].cursor()

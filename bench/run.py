@@ -10,7 +10,7 @@ the same lite.conf (processes=20 threads=1):
 - minimal     bench/minimal_app.py: the least SQLite work a counter can be (one
               statement, no checks, no retries): SQLite's own cost here
 - lite        lite_app.py, synchronous=NORMAL
-- lite-full   lite_app.py, synchronous=FULL
+- minimal-full  and lite-full: the same two with synchronous=FULL
 - naive       bench/naive_app.py: a connection per request, SELECT then UPDATE
 
 Each app's GET /lite/get and POST /lite/inc are driven by wrk (20 connections,
@@ -45,6 +45,7 @@ APPS = [
     ("hello", "hello_app.py", "NORMAL"),
     ("minimal", "minimal_app.py", "NORMAL"),
     ("lite", "lite_app.py", "NORMAL"),
+    ("minimal-full", "minimal_app.py", "FULL"),
     ("lite-full", "lite_app.py", "FULL"),
     ("naive", "naive_app.py", "NORMAL"),
 ]
@@ -123,8 +124,12 @@ def siege(url: str, requests_per_user: int, post: bool, rc: str) -> dict:
     }
 
 
-def drive(base: str, seconds: float, rc: str, siege_requests: int) -> dict:
-    """Every measurement of one served app: wrk and siege, GET and POST."""
+def drive(base: str, seconds: float, rc: str, siege_requests: int, counts: bool) -> dict:
+    """Every measurement of one served app: wrk and siege, GET and POST.
+
+    `counts`: the app keeps a counter, so acknowledged increments can be
+    checked against it.
+    """
     url_get, url_inc = f"{base}/lite/get?counter=hits", f"{base}/lite/inc"
     wrk(url_get, 1, post=False)  # warm every daemon up
     result = {"wrk_get": wrk(url_get, seconds, post=False)}
@@ -137,7 +142,10 @@ def drive(base: str, seconds: float, rc: str, siege_requests: int) -> dict:
     result["siege_inc"]["delta"] = counter(base) - before
     for key in ("wrk_inc", "siege_inc"):
         r = result[key]
-        r["lost"] = max(0, r["ok"] - r["delta"])  # acknowledged, not counted
+        if counts:
+            r["lost"] = max(0, r["ok"] - r["delta"])  # acknowledged, not counted
+        else:
+            del r["delta"]
     return result
 
 
@@ -203,7 +211,8 @@ def summarize(rounds: list[dict]) -> dict:
                 figures[field] = statistics.median(r[app][key][field] for r in rounds)
             ratio = [r[app][key]["req_per_s"] / r["hello"][key]["req_per_s"] for r in rounds]
             figures["ratio_to_hello"] = round(statistics.median(ratio), 3)
-            figures["lost_total"] = sum(r[app][key].get("lost", 0) for r in rounds)
+            if "lost" in figures:
+                figures["lost_total"] = sum(r[app][key]["lost"] for r in rounds)
             figures["non_2xx_total"] = sum(r[app][key]["non_2xx"] for r in rounds)
             summary[app][key] = figures
     return summary
@@ -222,8 +231,7 @@ def table(summary: dict, alone: list[dict]) -> str:
                 f"| {app} | {driver} | {'GET /lite/get' if route == 'get' else 'POST /lite/inc'} "
                 f"| {f['req_per_s']:.0f} | {f['ratio_to_hello']:.2f} | {f['non_2xx_total']:.0f} "
                 f"| {f['socket_errors']:.0f} | {f['ok']:.0f} "
-                f"| {f.get('delta', '') if route == 'inc' else ''} "
-                f"| {f['lost_total'] if route == 'inc' else ''} "
+                f"| {f.get('delta', '')} | {f.get('lost', '')} "
                 f"| {f.get('p50_ms', '')} | {f.get('p99_ms', '')} |"
             )
     lines += [
@@ -256,8 +264,8 @@ def chart(summary: dict, path: str) -> None:
         for bar, app in zip(bars, apps, strict=True):
             f = summary[app][key]
             note = f"{f['ratio_to_hello']:.2f}x"
-            if key == "wrk_inc" and f["lost_total"]:
-                note += f"\n{f['lost_total']:.0f} lost"
+            if f.get("lost"):
+                note += f"\n{f['lost']:.0f} lost"
             ax.annotate(
                 note,
                 (bar.get_x() + bar.get_width() / 2, bar.get_height()),
@@ -299,7 +307,9 @@ def main(argv: list[str]) -> int:
                 print(f"bench: round {number}: {app}", file=sys.stderr)
                 serve(env, script, synchronous, "start")
                 try:
-                    results[app] = drive(base, args.seconds, rc, args.siege_requests)
+                    results[app] = drive(
+                        base, args.seconds, rc, args.siege_requests, counts=app != "hello"
+                    )
                 finally:
                     serve(env, script, synchronous, "stop")
             rounds.append(results)

@@ -31,7 +31,14 @@ def test_the_benchmark_runs_and_lite_loses_nothing(tmp_path):
         stdin=subprocess.DEVNULL,
     )
     report = json.loads((tmp_path / "results.json").read_text())
-    assert set(report["summary"]) == {"hello", "minimal", "lite", "lite-full", "naive"}
+    assert set(report["summary"]) == {
+        "hello",
+        "minimal",
+        "lite",
+        "minimal-full",
+        "lite-full",
+        "naive",
+    }
     assert report["machine"]["sqlite"]
     for app in ("lite", "lite-full"):
         for key, figures in report["summary"][app].items():

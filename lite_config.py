@@ -136,19 +136,15 @@ def _apply(
         return "current"
     before = json.loads(state["counters"]) if state is not None else {}
     for position, (name, value) in enumerate(counters.items()):
+        # A live counter keeps its value unless the file changed that value.
+        updates = "position = excluded.position"
         if before.get(name) != value:
-            cur.execute(
-                "INSERT INTO counters (name, value, position) VALUES (?, ?, ?) "
-                "ON CONFLICT (name) DO UPDATE SET value = excluded.value, "
-                "position = excluded.position",
-                (name, value, position),
-            )
-        else:
-            cur.execute(
-                "INSERT INTO counters (name, value, position) VALUES (?, ?, ?) "
-                "ON CONFLICT (name) DO UPDATE SET position = excluded.position",
-                (name, value, position),
-            )
+            updates += ", value = excluded.value"
+        cur.execute(
+            "INSERT INTO counters (name, value, position) VALUES (?, ?, ?) "
+            f"ON CONFLICT (name) DO UPDATE SET {updates}",
+            (name, value, position),
+        )
     placeholders = ", ".join("?" for _ in counters)
     cur.execute(f"DELETE FROM counters WHERE name NOT IN ({placeholders})", list(counters))
     now, pid = time.time(), os.getpid()

@@ -4,6 +4,10 @@ Routes (the app is mounted at the server root):
 - GET  /lite                 a page with every counter and a button to add 1
 - POST /lite                 the page's form: add 1, then 303 back to /lite
 - GET  /lite/get?counter=N   {"counter": N, "value": V}
+- GET  /lite/health          {"status": "ok"}, or 503 with the reason, when
+                             the database cannot be read or written in time
+- GET  /lite/stats           figures of every server process and of the
+                             database (see README, Operations)
 - POST /lite/inc             counter=N, by=B (1..1000000, default 1):
                              {"counter": N, "value": new value}
 
@@ -25,6 +29,7 @@ import os
 import re
 import sqlite3
 import sys
+import time
 from collections.abc import Callable
 from typing import Any
 from urllib.parse import SplitResult, urlsplit
@@ -44,9 +49,28 @@ _BY = re.compile(r"[1-9][0-9]{0,6}\Z")
 
 log = logging.getLogger(__name__)
 
+TOTALLED = (  # per-process figures that /lite/stats also sums over processes
+    "requests",
+    "reads",
+    "read_failures",
+    "writes",
+    "write_failures",
+    "busy_retries",
+    "write_lock_wait_s",
+    "db_time_s",
+    "checkpoints",
+    "wal_restarts",
+    "config_checks",
+    "config_applied",
+    "config_rejected",
+)
+
 # The first counter of the applied config, per connection (so per process and
 # database); dropped whenever this process sees config.ini change.
 _first_counter: dict[int, str] = {}
+# This process's request count and when it last published its figures; the
+# pid tells whether they belong to this process or to a parent before fork.
+_process: dict[str, Any] = {"pid": None}
 
 PAGE = """<!DOCTYPE html>
 <html lang="en">
@@ -55,28 +79,30 @@ PAGE = """<!DOCTYPE html>
 <meta name="viewport" content="width=device-width, initial-scale=1">
 <title>lite</title>
 <style>
-body { font: 16px/1.5 system-ui, sans-serif; max-width: 40rem; margin: 2rem auto;
+body { font: 16px/1.5 system-ui, sans-serif; max-width: 44rem; margin: 2rem auto;
        padding: 0 1rem; color: #222; }
+h2 { font-size: 1.1rem; margin-top: 2rem; }
 table { border-collapse: collapse; width: 100%; }
-th, td { text-align: left; padding: .4rem .6rem; border-bottom: 1px solid #ddd; }
-td.value { font-variant-numeric: tabular-nums; text-align: right; }
+th, td { text-align: left; padding: .35rem .6rem; border-bottom: 1px solid #ddd; }
+td.num { font-variant-numeric: tabular-nums; text-align: right; }
 button { font: inherit; padding: .2rem .9rem; cursor: pointer; }
 .note { color: #666; font-size: .9rem; }
+.bad { color: #a00; font-weight: bold; }
 </style>
 </head>
 <body>
 <h1>lite</h1>
 <p>Counters kept in SQLite, shared by every server process.</p>
 % if counters:
-<table>
-<tr><th>counter</th><th style="text-align:right">value</th><th></th></tr>
+<table id="counters">
+<tr><th>counter</th><th class="num">value</th><th></th></tr>
 % for name, value in counters:
 <tr>
   <td><a href="/lite/get?counter={{name}}">{{name}}</a></td>
-  <td class="value" id="value-{{name}}">{{value}}</td>
+  <td class="num" id="value-{{name}}">{{value}}</td>
   <td><form method="post" action="/lite">
     <input type="hidden" name="counter" value="{{name}}">
-    <button type="submit">+1</button>
+    <button type="submit" id="inc-{{name}}">+1</button>
   </form></td>
 </tr>
 % end
@@ -85,13 +111,89 @@ button { font: inherit; padding: .2rem .9rem; cursor: pointer; }
 <p>No counters yet: config.ini has not been applied.</p>
 % end
 % if version:
-<p class="note">Config version {{version["fingerprint"]}}, applied {{version["applied"]}}
-by process {{version["applied_by"]}}.</p>
+<p class="note" id="config-version">Config version {{version["fingerprint"]}},
+applied {{version["applied"]}} by process {{version["applied_by"]}}.</p>
 % end
-<p class="note">Served by process {{pid}}.</p>
+
+<h2>Live figures</h2>
+<table id="figures">
+% for label, key, value in figures:
+<tr><td>{{label}}</td><td class="num" data-stat="{{key}}">{{value}}</td></tr>
+% end
+</table>
+<p class="note">From <a href="/lite/stats">/lite/stats</a>, summed over the
+<span data-stat="process_count">{{process_count}}</span> server processes that
+have served requests; <span id="refreshed">as of loading this page</span>.
+Health: <a href="/lite/health">/lite/health</a>. Served by process {{pid}}.</p>
+<script>
+(function () {
+  var FORMATS = {{!formats}};
+  function pick(data, key) {
+    return key.split(".").reduce(function (v, k) { return v == null ? v : v[k]; }, data);
+  }
+  function show(value, format) {
+    if (value == null) return "never";
+    if (format === "bytes") return (value / 1024).toFixed(1) + " KiB";
+    if (format === "seconds") return value.toFixed(3) + " s";
+    if (format === "time") return new Date(value * 1000).toISOString().slice(11, 19) + " UTC";
+    return String(value);
+  }
+  function refresh() {
+    fetch("/lite/stats", {cache: "no-store"}).then(function (r) {
+      return r.ok ? r.json() : Promise.reject(r.status);
+    }).then(function (data) {
+      document.querySelectorAll("[data-stat]").forEach(function (cell) {
+        var key = cell.getAttribute("data-stat");
+        cell.textContent = show(pick(data, key), FORMATS[key]);
+      });
+      document.getElementById("refreshed").textContent =
+        "updated " + show(data.generated_at, "time");
+    }).catch(function () {
+      document.getElementById("refreshed").textContent = "could not update";
+    });
+  }
+  setInterval(refresh, 2000);
+})();
+</script>
 </body>
 </html>
 """
+
+# Rows of the page's "Live figures": label, key in /lite/stats, format.
+PAGE_FIGURES = (
+    ("requests served", "totals.requests", ""),
+    ("writes", "totals.writes", ""),
+    ("failed writes", "totals.write_failures", ""),
+    ("failed reads", "totals.read_failures", ""),
+    ("busy retries", "totals.busy_retries", ""),
+    ("time taking the write lock", "totals.write_lock_wait_s", "seconds"),
+    ("config versions applied", "totals.config_applied", ""),
+    ("journal mode", "database.journal_mode", ""),
+    ("synchronous", "database.synchronous", ""),
+    ("database size", "database.db_bytes", "bytes"),
+    ("WAL size", "database.wal_bytes", "bytes"),
+    ("last checkpoint", "database.last_checkpoint_at", "time"),
+)
+
+
+def _pick(figures: dict[str, Any], key: str) -> Any:
+    """figures["a"]["b"] for key "a.b"."""
+    for part in key.split("."):
+        figures = figures.get(part) if isinstance(figures, dict) else None
+    return figures
+
+
+def _show(value: Any, format_: str) -> str:
+    """A figure as the page shows it (the page's script formats the same way)."""
+    if value is None:
+        return "never"
+    if format_ == "bytes":
+        return f"{value / 1024:.1f} KiB"
+    if format_ == "seconds":
+        return f"{value:.3f} s"
+    if format_ == "time":
+        return datetime.datetime.fromtimestamp(value, datetime.UTC).strftime("%H:%M:%S UTC")
+    return str(value)
 
 
 def _json(status: int, body: dict[str, Any], **headers: Any) -> bottle.HTTPResponse:
@@ -189,6 +291,61 @@ def _increment(cur: sqlite3.Cursor, name: str, by: int) -> int:
     return value
 
 
+def _this_process() -> dict[str, Any]:
+    if _process["pid"] != os.getpid():
+        _process.update(pid=os.getpid(), started_at=time.time(), requests=0, published_at=0.0)
+    return _process
+
+
+def _figures() -> dict[str, Any]:
+    """This process's figures, as /lite/stats shows them."""
+    process = _this_process()
+    return {
+        "pid": process["pid"],
+        "started_at": process["started_at"],
+        "updated_at": time.time(),
+        "requests": process["requests"],
+        **lite_db.stats,
+        **lite_config.stats,
+    }
+
+
+def _count_request(db_path: str) -> None:
+    """Count a request; publish this process's figures at most once per interval."""
+    process = _this_process()
+    process["requests"] += 1
+    now = time.monotonic()
+    if now - process["published_at"] >= lite_db.STATS_INTERVAL_S:
+        process["published_at"] = now
+        lite_db.publish_stats(db_path, _figures())
+
+
+def _stats(cur: sqlite3.Cursor, db_path: str) -> dict[str, Any]:
+    """Figures of every live process using `db_path`, their sums, and the database's."""
+    lite_db.publish_stats(db_path, _figures())
+    processes = [
+        figures for figures in lite_db.published_stats(db_path) if figures.get("pid") != os.getpid()
+    ]
+    processes.append(_figures())
+    processes.sort(key=lambda figures: figures["pid"])
+    database = lite_db.database_figures(cur, db_path)
+    if database is None:
+        raise _unavailable()
+    checkpoints = [p["last_checkpoint_at"] for p in processes if p.get("last_checkpoint_at")]
+    database["last_checkpoint_at"] = max(checkpoints, default=None)
+    totals = {name: sum(p.get(name) or 0 for p in processes) for name in TOTALLED}
+    for name in ("write_lock_wait_s", "db_time_s"):
+        totals[name] = round(totals[name], 6)
+    return {
+        "answered_by": os.getpid(),
+        "generated_at": time.time(),
+        "process_count": len(processes),
+        "totals": totals,
+        "database": database,
+        "processes": processes,
+    }
+
+
 class LitePlugin:
     """Per request: apply a changed config.ini, and give the route a cursor.
 
@@ -225,6 +382,7 @@ class LitePlugin:
                 return callback(*args, **kwargs)
             finally:
                 cur.close()
+                _count_request(self.db_path)
 
         return wrapper
 
@@ -240,6 +398,9 @@ def make_app(db_path: str | None = None, config_path: str | None = None) -> bott
     db_path = db_path or os.environ.get("LITE_DB_PATH") or DEFAULT_DB_PATH
     config_path = config_path or os.environ.get("LITE_CONFIG_PATH") or DEFAULT_CONFIG_PATH
     app = bottle.Bottle()
+    # Routes read the paths here: a route closing over a plain value would
+    # hang bottle 0.13's Route.get_undecorated_callback (see tests/test_app.py).
+    app.config.update({"lite.db_path": db_path, "lite.config_path": config_path})
     app.install(LitePlugin(db_path, config_path))
     for code in ERROR_CODES:
         app.error(code)(_json_error)
@@ -257,9 +418,19 @@ def make_app(db_path: str | None = None, config_path: str | None = None) -> bott
                 "applied": applied.strftime("%Y-%m-%d %H:%M:%S UTC"),
                 "applied_by": version["applied_by"],
             }
+        figures = _stats(db, bottle.request.app.config["lite.db_path"])
         bottle.response.set_header("Cache-Control", "no-store")
         return bottle.template(
-            PAGE, counters=[tuple(row) for row in rows], version=version, pid=os.getpid()
+            PAGE,
+            counters=[tuple(row) for row in rows],
+            version=version,
+            figures=[
+                (label, key, _show(_pick(figures, key), format_))
+                for label, key, format_ in PAGE_FIGURES
+            ],
+            formats=json.dumps({key: format_ for _, key, format_ in PAGE_FIGURES}),
+            process_count=figures["process_count"],
+            pid=os.getpid(),
         )
 
     @app.post("/lite")
@@ -277,6 +448,22 @@ def make_app(db_path: str | None = None, config_path: str | None = None) -> bott
         if value is False:
             raise _json(404, {"error": f"no counter {name!r}"})
         return {"counter": name, "value": value}
+
+    @app.get("/lite/health")
+    def health(db: sqlite3.Cursor) -> dict[str, Any]:
+        problem = lite_db.health(db)
+        if problem is not None:
+            raise _json(
+                503,
+                {"status": "unavailable", "reason": f"database {problem}"},
+                **{"Retry-After": str(RETRY_AFTER_S)},
+            )
+        return {"status": "ok"}
+
+    @app.get("/lite/stats")
+    def stats(db: sqlite3.Cursor) -> dict[str, Any]:
+        bottle.response.set_header("Cache-Control", "no-store")
+        return _stats(db, bottle.request.app.config["lite.db_path"])
 
     @app.post("/lite/inc")
     def increment(db: sqlite3.Cursor) -> dict[str, Any]:

@@ -23,11 +23,14 @@ Contract:
   lost without any error.
 """
 
+import contextlib
+import json
 import logging
 import os
 import random
 import re
 import sqlite3
+import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
@@ -36,6 +39,9 @@ LOCK_BUDGET_MS = 3000  # 3 s: total wait for the database lock per call
 RETRY_SLEEP_MAX_S = 0.002  # 2 ms: upper bound of one jittered retry sleep
 JOURNAL_SIZE_LIMIT_BYTES = 4 * 1024 * 1024  # 4 MiB: -wal size kept after a checkpoint
 CHECKPOINT_INTERVAL_S = 1.0  # 1 s: least time between two checkpoints of one process
+CHECKPOINT_WAIT_MS = 100  # 100 ms: longest wait of a RESTART checkpoint for readers
+WAL_FRAME_HEADER_BYTES = 24  # each page in the WAL is preceded by a 24-byte header
+STATS_INTERVAL_S = 1.0  # 1 s: least time between two publications of a process's figures
 SYNCHRONOUS_MODES = ("NORMAL", "FULL")
 MAX_INTEGER = 2**63 - 1  # largest value SQLite stores as an INTEGER
 
@@ -59,20 +65,31 @@ CREATE TABLE IF NOT EXISTS config_audit (
     pid INTEGER NOT NULL,
     applied_at REAL NOT NULL
 ) STRICT;
+CREATE TABLE IF NOT EXISTS health (
+    id INTEGER PRIMARY KEY CHECK (id = 1),
+    checked_at REAL NOT NULL,
+    pid INTEGER NOT NULL
+) STRICT;
 """
+SCHEMA_VERSION = 2  # PRAGMA user_version of a database that has all of SCHEMA
 
 log = logging.getLogger(__name__)
 
 # Per-process figures; a forked child starts from its parent's numbers.
 # db_time_s: seconds spent in database calls, waits for the lock included.
-stats = {
+# write_lock_wait_s: seconds spent taking the write lock (BEGIN IMMEDIATE, or
+# the whole of a one-statement write, which takes the lock as it starts).
+stats: dict[str, Any] = {
     "reads": 0,
     "read_failures": 0,
     "writes": 0,
     "write_failures": 0,
     "busy_retries": 0,
     "db_time_s": 0.0,
+    "write_lock_wait_s": 0.0,
     "checkpoints": 0,
+    "wal_restarts": 0,
+    "last_checkpoint_at": None,
 }
 
 _connections: dict[str, tuple[int, sqlite3.Connection]] = {}
@@ -82,6 +99,7 @@ _connections: dict[str, tuple[int, sqlite3.Connection]] = {}
 _inherited: list[sqlite3.Connection] = []
 _columns_cache: dict[tuple[int, str], tuple[str, ...]] = {}
 _last_checkpoint: dict[int, float] = {}  # id(connection) -> time.monotonic()
+_publish_failed: list[Exception] = []  # the first failure to publish figures, if any
 _FAILED = object()  # what _read returns on failure, so that None can mean "no row"
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 
@@ -106,8 +124,11 @@ def _open(path: str) -> sqlite3.Connection:
         # checkpoint from finishing, SQLite would retry it (and fsync) on
         # every commit.
         conn.execute("PRAGMA wal_autocheckpoint = 0")
-        if not conn.execute("SELECT 1 FROM sqlite_schema WHERE name = 'config_audit'").fetchone():
-            conn.executescript(SCHEMA)
+        # A database made by an older lite gets the tables it lacks.
+        if conn.execute("PRAGMA user_version").fetchone()[0] < SCHEMA_VERSION:
+            conn.executescript(
+                f"BEGIN IMMEDIATE; {SCHEMA} PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;"
+            )
     except BaseException:
         conn.close()
         raise
@@ -156,11 +177,19 @@ def _retrying(cur: sqlite3.Cursor, attempt: Callable[[], Any]) -> Any:
 
 
 def _checkpoint_now_and_then(cur: sqlite3.Cursor) -> None:
-    """A passive checkpoint, at most once per CHECKPOINT_INTERVAL_S per connection.
+    """A checkpoint, at most once per CHECKPOINT_INTERVAL_S per connection.
 
-    Passive: it copies what no reader still needs from the WAL into the
-    database and never waits for readers or writers. A failure loses nothing
-    (the WAL keeps every commit) and is only logged.
+    Passive first: it copies what no reader still needs from the WAL into
+    the database and never waits. While readers follow one another without
+    a pause, some reader always needs the newest frames, the WAL is never
+    found fully copied and the -wal file grows without bound (tests/
+    test_operations.py measures it). So when the WAL holds more than
+    JOURNAL_SIZE_LIMIT_BYTES, a RESTART checkpoint follows: it waits at most
+    CHECKPOINT_WAIT_MS for the readers of old frames to finish (new readers
+    read the database file and do not wait) and makes the next writer start
+    the WAL over; journal_size_limit then truncates the file. Writers wait
+    for it as for any lock. A failure loses nothing (the WAL keeps every
+    commit) and is only logged.
     """
     now = time.monotonic()
     key = id(cur.connection)
@@ -169,8 +198,18 @@ def _checkpoint_now_and_then(cur: sqlite3.Cursor) -> None:
         return
     _last_checkpoint[key] = now
     try:
-        cur.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+        _, wal_frames, _ = cur.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
         stats["checkpoints"] += 1
+        stats["last_checkpoint_at"] = time.time()
+        page_size = cur.execute("PRAGMA page_size").fetchone()[0]
+        if wal_frames * (page_size + WAL_FRAME_HEADER_BYTES) > JOURNAL_SIZE_LIMIT_BYTES:
+            cur.execute(f"PRAGMA busy_timeout = {CHECKPOINT_WAIT_MS}")
+            try:
+                busy, _, _ = cur.execute("PRAGMA wal_checkpoint(RESTART)").fetchone()
+            finally:
+                cur.execute(f"PRAGMA busy_timeout = {LOCK_BUDGET_MS}")
+            if not busy:
+                stats["wal_restarts"] += 1
     except sqlite3.Error as exc:
         log.warning("checkpoint failed: %s", exc)
 
@@ -189,7 +228,9 @@ def _write(
     """
 
     def in_transaction() -> Any:
+        began = time.monotonic()
         cur.execute("BEGIN IMMEDIATE")
+        stats["write_lock_wait_s"] += time.monotonic() - began
         try:
             result = work(cur)
             cur.execute("COMMIT")
@@ -199,9 +240,16 @@ def _write(
             raise
         return result
 
+    def statement() -> Any:
+        began = time.monotonic()
+        try:
+            return work(cur)
+        finally:
+            stats["write_lock_wait_s"] += time.monotonic() - began
+
     stats["writes"] += 1
     try:
-        result = _retrying(cur, (lambda: work(cur)) if one_statement else in_transaction)
+        result = _retrying(cur, statement if one_statement else in_transaction)
     except sqlite3.Error as exc:
         stats["write_failures"] += 1
         log.error("write failed (%s): %s", what, exc)
@@ -445,3 +493,175 @@ def update_counter(cur: sqlite3.Cursor, name: str, compute: Callable[[int], int]
 
     result = transact(cur, work)
     return False if result is False else result[0]
+
+
+def health(cur: sqlite3.Cursor) -> str | None:
+    """Check that the database can be read and written now.
+
+    Reads the counters and writes the one row of the health table, each
+    within the lock budget. Returns None when both work, else the reason
+    ("read failed" or "write failed"; the details are logged).
+    """
+    if select(cur, "SELECT count(*) FROM counters") is None:
+        return "read failed"
+    written = transact_one(
+        cur,
+        "INSERT INTO health (id, checked_at, pid) VALUES (1, ?, ?) "
+        "ON CONFLICT (id) DO UPDATE SET checked_at = excluded.checked_at, pid = excluded.pid",
+        (time.time(), os.getpid()),
+    )
+    return "write failed" if written is False else None
+
+
+def stats_dir(path: str) -> str:
+    """Where the processes using the database at `path` publish their figures."""
+    return path + "-stats"
+
+
+def publish_stats(path: str, figures: dict[str, Any]) -> bool:
+    """Publish this process's `figures` for every process to read.
+
+    Writes `stats_dir(path)/<pid>.json` through a rename, so a reader sees
+    the old or the new figures, never half of them. Neither takes a database
+    lock nor syncs to disk: a few microseconds, meant to run at most once per
+    STATS_INTERVAL_S. Returns False on failure (logged once per process).
+    """
+    directory = stats_dir(path)
+    name = os.path.join(directory, f"{os.getpid()}.json")
+    try:
+        os.makedirs(directory, mode=0o700, exist_ok=True)
+        with open(name + ".tmp", "w", encoding="utf-8") as out:
+            json.dump(figures, out)
+        os.replace(name + ".tmp", name)
+    except (OSError, TypeError, ValueError) as exc:
+        if not _publish_failed:
+            log.warning("cannot publish figures to %s: %s", directory, exc)
+            _publish_failed.append(exc)
+        return False
+    return True
+
+
+def published_stats(path: str) -> list[dict[str, Any]]:
+    """The figures every live process published for `path`, by pid.
+
+    Files of processes that have exited are removed; unreadable ones are
+    skipped (a process may be writing its first file).
+    """
+    try:
+        names = os.listdir(stats_dir(path))
+    except OSError:
+        return []
+    found = []
+    for name in sorted(names):
+        pid_text, _, suffix = name.partition(".")
+        if suffix != "json" or not pid_text.isdigit():
+            continue
+        file_name = os.path.join(stats_dir(path), name)
+        if not _running(int(pid_text)):
+            with contextlib.suppress(OSError):
+                os.remove(file_name)
+            continue
+        try:
+            with open(file_name, encoding="utf-8") as source:
+                figures = json.load(source)
+        except (OSError, ValueError):
+            continue
+        if isinstance(figures, dict):
+            found.append(figures)
+    found.sort(key=lambda figures: figures.get("pid", 0))
+    return found
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, owned by another user
+        return True
+    return True
+
+
+def database_figures(cur: sqlite3.Cursor, path: str) -> dict[str, Any] | None:
+    """Settings read back from the live connection, and the files' sizes.
+
+    Returns None if the database cannot be read (logged and counted).
+    """
+    synchronous_names = {0: "OFF", 1: "NORMAL", 2: "FULL", 3: "EXTRA"}
+
+    def fetch() -> dict[str, Any]:
+        def pragma(name: str) -> Any:
+            return cur.execute(f"PRAGMA {name}").fetchone()[0]
+
+        return {
+            "journal_mode": pragma("journal_mode"),
+            "synchronous": synchronous_names.get(pragma("synchronous"), "?"),
+            "busy_timeout_ms": pragma("busy_timeout"),
+            "journal_size_limit_bytes": pragma("journal_size_limit"),
+            "page_size": pragma("page_size"),
+            "page_count": pragma("page_count"),
+        }
+
+    figures = _read(cur, fetch, "database figures")
+    if figures is _FAILED:
+        return None
+    figures["db_bytes"] = _size(path)
+    figures["wal_bytes"] = _size(path + "-wal")
+    return figures
+
+
+def _size(name: str) -> int:
+    try:
+        return os.path.getsize(name)
+    except OSError:
+        return 0
+
+
+def backup(path: str, dest: str) -> bool:
+    """Copy the live database at `path` to the new file `dest`, consistently.
+
+    SQLite's online backup API, in one step: the copy is the database as of
+    one moment, taken inside one read transaction, which in WAL mode blocks
+    no writer. (Copying page by page would start over each time another
+    process commits, so under steady writes it might never end.) Returns
+    True, or False on failure (logged; a partial `dest` is removed). Raises
+    ValueError if `dest` exists.
+    """
+    if os.path.exists(dest):
+        raise ValueError(f"{dest} exists: backup never overwrites")
+    try:
+        source = connect(path)
+        target = sqlite3.connect(dest)
+        try:
+            source.backup(target)
+            ok = target.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+        finally:
+            target.close()
+        if not ok:
+            raise sqlite3.DatabaseError("the copy failed its integrity check")
+    except sqlite3.Error as exc:
+        log.error("backup of %s to %s failed: %s", path, dest, exc)
+        if os.path.exists(dest):
+            os.remove(dest)
+        return False
+    return True
+
+
+def main(argv: list[str]) -> int:
+    """`python -m lite_db backup DB DEST`: an online, consistent copy of DB."""
+    if len(argv) != 3 or argv[0] != "backup":
+        print("usage: python -m lite_db backup DB_PATH DEST_PATH", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    _, path, dest = argv
+    try:
+        ok = backup(path, dest)
+    except ValueError as exc:
+        print(f"backup: {exc}", file=sys.stderr)
+        return 1
+    print(f"backup: {path} copied to {dest}" if ok else "backup: failed (see above)")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -32,6 +32,7 @@ def fresh_process_state():
     lite_db.close_all()
     lite_config._seen.clear()
     lite_app._first_counter.clear()
+    lite_app._process["pid"] = None  # a new request count
 
 
 @pytest.fixture

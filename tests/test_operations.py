@@ -1,0 +1,197 @@
+"""Operating lite: /lite/stats, /lite/health, the page's figures, the online
+backup, and a WAL that stays small under sustained reads."""
+
+import itertools
+import os
+import sqlite3
+import time
+
+import procs
+import pytest
+import webtest
+
+import lite_app
+import lite_db
+
+
+def test_health_is_ok_and_really_writes(app, other):
+    assert app.get("/lite/health", status=200).json == {"status": "ok"}
+    assert other.execute("SELECT count(*) FROM health").fetchone()[0] == 1
+
+
+def test_health_is_503_with_the_reason_when_writes_cannot_get_through(
+    db_path, config_path, other, monkeypatch
+):
+    lite_db.close_all()
+    monkeypatch.setattr(lite_db, "LOCK_BUDGET_MS", 200)
+    app = webtest.TestApp(lite_app.make_app(db_path=db_path, config_path=str(config_path)))
+    app.get("/lite", status=200)
+    other.execute("BEGIN EXCLUSIVE")
+    try:
+        res = app.get("/lite/health", status=503)
+    finally:
+        other.execute("ROLLBACK")
+    assert res.json == {"status": "unavailable", "reason": "database write failed"}
+    assert res.headers["Retry-After"] == "1"
+    assert app.get("/lite/health", status=200).json == {"status": "ok"}
+
+
+def test_stats_reads_settings_back_from_the_live_connection(app):
+    app.post("/lite/inc", {"counter": "hits"})
+    stats = app.get("/lite/stats", status=200).json
+    assert stats["database"]["journal_mode"] == "wal"
+    assert stats["database"]["synchronous"] == "NORMAL"
+    assert stats["database"]["busy_timeout_ms"] == lite_db.LOCK_BUDGET_MS
+    assert stats["database"]["journal_size_limit_bytes"] == lite_db.JOURNAL_SIZE_LIMIT_BYTES
+    assert stats["database"]["page_count"] > 0
+    assert stats["database"]["wal_bytes"] > 0
+    assert stats["database"]["last_checkpoint_at"] <= time.time()
+    (mine,) = stats["processes"]
+    assert mine["pid"] == os.getpid() == stats["answered_by"]
+    assert mine["requests"] == 1  # the POST; this request is counted when it ends
+    assert mine["writes"] >= 2  # the config applied, the increment
+    assert mine["config_applied"] >= 1
+    assert stats["totals"]["requests"] == 1
+    assert stats["process_count"] == 1
+
+
+def _serve_requests(db_path, config_path, requests, done, leave):
+    app = webtest.TestApp(lite_app.make_app(db_path=db_path, config_path=config_path))
+    for _ in range(requests):
+        app.post("/lite/inc", {"counter": "hits"})
+    time.sleep(lite_db.STATS_INTERVAL_S)
+    app.get("/lite/get")  # the interval has passed: publishes the figures
+    done.set()
+    leave.wait(60)
+    return os.getpid()
+
+
+def test_stats_show_every_live_process_and_forget_those_that_exited(db_path, config_path, app):
+    app.get("/lite/get")
+    done = [procs.event() for _ in range(2)]
+    leave = procs.event()
+    running = procs.start(
+        _serve_requests,
+        [
+            (db_path, str(config_path), 5, done[0], leave),
+            (db_path, str(config_path), 7, done[1], leave),
+        ],
+    )
+    try:
+        assert all(event.wait(60) for event in done)
+        stats = app.get("/lite/stats").json
+    finally:
+        leave.set()
+        pids = procs.finish(*running, timeout_s=60)
+    by_pid = {figures["pid"]: figures for figures in stats["processes"]}
+    assert set(by_pid) == {os.getpid(), *pids}
+    assert sorted(by_pid[pid]["requests"] for pid in pids) == [6, 8]
+    assert sorted(by_pid[pid]["writes"] for pid in pids)[0] >= 5
+    assert stats["totals"]["requests"] == 6 + 8 + 1
+    assert stats["process_count"] == 3
+    after = app.get("/lite/stats").json
+    assert [figures["pid"] for figures in after["processes"]] == [os.getpid()]
+    assert sorted(os.listdir(lite_db.stats_dir(db_path))) == [f"{os.getpid()}.json"]
+
+
+def test_the_page_shows_live_figures(app):
+    app.post("/lite/inc", {"counter": "hits"})
+    page = app.get("/lite", status=200)
+    figures = {
+        row.find_all("td")[0].text: row.find_all("td")[1]
+        for row in page.html.find(id="figures").find_all("tr")
+    }
+    assert figures["writes"]["data-stat"] == "totals.writes"
+    assert int(figures["writes"].text) >= 2
+    assert figures["journal mode"].text == "wal"
+    assert figures["WAL size"].text.endswith(" KiB")
+    assert page.html.find("a", href="/lite/stats") is not None
+
+
+def _read_until(db_path, stop_at):
+    cur = lite_db.cursor(db_path)
+    reads = 0
+    while time.time() < stop_at:
+        assert lite_db.get(cur, "counters", "hits", "value") is not None
+        reads += 1
+    return reads
+
+
+def _increment_until(db_path, stop_at, pause_s=0.0005):
+    """Increment "hits" until stop_at, pausing as a web request would."""
+    cur = lite_db.cursor(db_path)
+    done = failed = 0
+    while time.time() < stop_at:
+        if lite_db.increment(cur, "hits", 1):
+            done += 1
+        else:
+            failed += 1
+        time.sleep(pause_s)
+    return done, failed, lite_db.stats["wal_restarts"]
+
+
+@pytest.mark.slow
+def test_the_wal_stays_small_under_reads_that_never_pause(db_path, app, other):
+    """10 readers that never pause, 3 writers: without lite's RESTART
+    checkpoints the -wal file grew without bound here (118 MB in 8 s)."""
+    app.get("/lite", status=200)
+    wal = db_path + "-wal"
+    stop_at = time.time() + 9
+    readers = procs.start(_read_until, [(db_path, stop_at)] * 10)
+    writers = procs.start(_increment_until, [(db_path, stop_at)] * 3)
+    sizes = []
+    while time.time() < stop_at:
+        sizes.append(os.path.getsize(wal) if os.path.exists(wal) else 0)
+        time.sleep(0.05)
+    reads = sum(procs.finish(*readers, timeout_s=60))
+    written = procs.finish(*writers, timeout_s=60)
+    assert reads > 10_000 and sum(done for done, _, _ in written) > 1000
+    assert sum(failed for _, failed, _ in written) == 0
+    assert sum(restarts for _, _, restarts in written) >= 3
+    shrinks = sum(1 for before, after in itertools.pairwise(sizes) if after < before)
+    assert shrinks >= 3, f"the WAL never started over: {sizes[::20]}"
+    third = len(sizes) // 3
+    assert max(sizes[-third:]) <= 2 * max(sizes[:third]), f"the WAL grew: {sizes[::20]}"
+    final = other.execute("SELECT value FROM counters WHERE name = 'hits'").fetchone()[0]
+    assert final == sum(done for done, _, _ in written)
+
+
+def test_backup_under_write_load_is_consistent(db_path, app, other, tmp_path):
+    app.get("/lite", status=200)
+    stop_at = time.time() + 6
+    running = procs.start(_increment_until, [(db_path, stop_at)] * 4)
+    time.sleep(3)  # the writers are running
+    before = other.execute("SELECT value FROM counters WHERE name = 'hits'").fetchone()[0]
+    dest = tmp_path / "copy.db"
+    assert lite_db.backup(db_path, str(dest)) is True
+    after = other.execute("SELECT value FROM counters WHERE name = 'hits'").fetchone()[0]
+    results = procs.finish(*running, timeout_s=120)
+    copy = sqlite3.connect(dest)
+    assert copy.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    copied = copy.execute("SELECT value FROM counters WHERE name = 'hits'").fetchone()[0]
+    copy.close()
+    assert 0 < before <= copied <= after
+    assert sum(failed for _, failed, _ in results) == 0  # writers never noticed
+    final = other.execute("SELECT value FROM counters WHERE name = 'hits'").fetchone()[0]
+    assert final == sum(done for done, _, _ in results)
+
+
+def test_backup_never_overwrites_and_cleans_up_a_failure(db_path, app, tmp_path):
+    app.get("/lite", status=200)
+    dest = tmp_path / "copy.db"
+    dest.write_text("precious")
+    with pytest.raises(ValueError, match="never overwrites"):
+        lite_db.backup(db_path, str(dest))
+    assert dest.read_text() == "precious"
+    unwritable = tmp_path / "no" / "such" / "dir" / "copy.db"
+    assert lite_db.backup(db_path, str(unwritable)) is False
+    assert not unwritable.exists()
+
+
+def test_backup_command_line(db_path, app, tmp_path, capsys):
+    app.get("/lite", status=200)
+    dest = tmp_path / "copy.db"
+    assert lite_db.main(["backup", db_path, str(dest)]) == 0
+    assert "copied" in capsys.readouterr().out
+    assert lite_db.main(["backup", db_path, str(dest)]) == 1
+    assert lite_db.main(["restore"]) == 2

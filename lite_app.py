@@ -78,13 +78,14 @@ PAGE = """<!DOCTYPE html>
 <meta charset="utf-8">
 <meta name="viewport" content="width=device-width, initial-scale=1">
 <title>lite</title>
+<link rel="icon" href="data:,">
 <style>
 body { font: 16px/1.5 system-ui, sans-serif; max-width: 44rem; margin: 2rem auto;
        padding: 0 1rem; color: #222; }
 h2 { font-size: 1.1rem; margin-top: 2rem; }
 table { border-collapse: collapse; width: 100%; }
 th, td { text-align: left; padding: .35rem .6rem; border-bottom: 1px solid #ddd; }
-td.num { font-variant-numeric: tabular-nums; text-align: right; }
+.num { font-variant-numeric: tabular-nums; text-align: right; }
 button { font: inherit; padding: .2rem .9rem; cursor: pointer; }
 .note { color: #666; font-size: .9rem; }
 .bad { color: #a00; font-weight: bold; }

@@ -5,6 +5,9 @@
 #   ./serve.sh stop      stop it, by the PID in its PidFile
 #   ./serve.sh status    say whether it runs
 #   ./serve.sh install   install or update lite in LITE_HOME, start nothing
+#   ./serve.sh backup DEST    copy the live database to the new file DEST,
+#                             consistently, while lite keeps serving
+#   ./serve.sh restore FILE   replace the database by FILE (lite stopped)
 #
 # Settings (environment):
 #   LITE_HOME         where lite is installed (default /srv/lite)
@@ -131,6 +134,49 @@ start() {
     say "logs: $APACHE_DIR/logs/error.log; stop with: $0 stop"
 }
 
+DB=$LITE_HOME/app/data/lite.db
+
+backup() {
+    local dest=${1:?usage: serve.sh backup DEST} tmp
+    [ "$(id -u)" -eq 0 ] || fail "run as root"
+    [ -e "$DB" ] || fail "no database at $DB"
+    [ ! -e "$dest" ] || fail "$dest exists: backup never overwrites"
+    # The copy is taken as the daemon user (a connection of another user
+    # could leave -wal/-shm files the daemons cannot open), into the data
+    # directory that user owns, and then moved to DEST.
+    tmp=$(dirname "$DB")/backup-$$.db
+    if ! runuser -u "$LITE_USER" -- env PYTHONPATH="$LITE_HOME/app" \
+        "$LITE_HOME/venv/bin/python" -m lite_db backup "$DB" "$tmp"; then
+        rm -f "$tmp"
+        fail "backup failed"
+    fi
+    chown root:root "$tmp"
+    mv "$tmp" "$dest"
+    say "backup written to $dest"
+}
+
+restore() {
+    local file=${1:?usage: serve.sh restore FILE} data pid
+    [ "$(id -u)" -eq 0 ] || fail "run as root"
+    if pid=$(running_pid); then fail "lite is running (PID $pid): $0 stop first"; fi
+    [ -f "$file" ] || fail "no file $file"
+    /usr/bin/python3 - "$file" <<'EOF' || fail "$file is not a sound SQLite database"
+import sqlite3, sys
+conn = sqlite3.connect(f"file:{sys.argv[1]}?mode=ro", uri=True)
+sys.exit(conn.execute("PRAGMA integrity_check").fetchone()[0] != "ok")
+EOF
+    data=$(dirname "$DB")
+    [ -d "$data" ] || fail "no data directory $data: run $0 install first"
+    if [ -e "$DB" ]; then
+        mv "$DB" "$DB.before-restore.$(date +%Y%m%d%H%M%S)"
+    fi
+    # A -wal left by the replaced database would be replayed into the
+    # restored one: remove it with its index.
+    rm -f "$DB-wal" "$DB-shm"
+    install -o "$LITE_USER" -g "$LITE_GROUP" -m 0600 "$file" "$DB"
+    say "restored $DB from $file (the replaced database is kept beside it)"
+}
+
 stop() {
     local pid waited=0
     if ! pid=$(running_pid); then
@@ -160,8 +206,10 @@ case "${1:-start}" in
         if pid=$(running_pid); then say "running (PID $pid): $URL"; else say "not running"; exit 3; fi
         ;;
     install) install_lite ;;
+    backup) backup "${2:-}" ;;
+    restore) restore "${2:-}" ;;
     *)
-        sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//'
+        sed -n '2,20p' "$0" | sed 's/^# \{0,1\}//'
         exit 2
         ;;
 esac

@@ -1,12 +1,16 @@
 #!/usr/bin/env bash
 # Installs what lite needs on Debian: Apache, Debian's mod_wsgi (built for
 # /usr/bin/python3), siege and wrk from apt; with --dev, also .venv (made from
-# /usr/bin/python3) with the test tools of requirements-dev.txt.
+# /usr/bin/python3) with the test tools of requirements-dev.txt, and Debian's
+# Chromium and ChromeDriver for the browser test.
 # Idempotent: installs only what is missing. Needs root for apt-get.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 PACKAGES=(apache2 libapache2-mod-wsgi-py3 siege wrk python3 python3-venv ca-certificates)
+if [ "${1:-}" = "--dev" ]; then
+    PACKAGES+=(chromium chromium-driver)
+fi
 
 missing=()
 for package in "${PACKAGES[@]}"; do

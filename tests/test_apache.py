@@ -9,115 +9,26 @@ import json
 import os
 import pathlib
 import pwd
-import shutil
-import socket
-import subprocess
-import tempfile
-import time
-import urllib.error
-import urllib.request
 
+import deploy
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DAEMONS = 20
+ROOT = deploy.ROOT
+DAEMONS = deploy.DAEMONS
 
 pytestmark = [pytest.mark.apache, pytest.mark.slow]
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _children(pid):
-    """PIDs whose parent is `pid`, from /proc."""
-    found = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    fields = f.read().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if int(fields[1]) == pid:
-                found.append(int(entry))
-    return found
-
-
-def _alive(pid):
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
-
-
-class Deployment:
-    def __init__(self, home, port):
-        self.home = home
-        self.port = port
-        self.base = f"http://127.0.0.1:{port}"
-        self.env = {**os.environ, "LITE_HOME": home, "LITE_PORT": str(port)}
-        self.db = os.path.join(home, "app", "data", "lite.db")
-        self.config = os.path.join(home, "app", "config.ini")
-        self.error_log = os.path.join(home, "apache", "logs", "error.log")
-
-    def script(self, *args, timeout=600):
-        return subprocess.run(
-            [os.path.join(ROOT, args[0]), *args[1:]],
-            env=self.env,
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            stdin=subprocess.DEVNULL,
-        )
-
-    def apache_pid(self):
-        with open(os.path.join(self.home, "apache", "run", "httpd.pid")) as f:
-            return int(f.read())
-
-    def request(self, path, data=None):
-        """(status, headers, body) of one request; never raises for a status."""
-        req = urllib.request.Request(self.base + path, data=data)
-        try:
-            with urllib.request.urlopen(req, timeout=30) as res:
-                return res.status, res.headers, res.read().decode()
-        except urllib.error.HTTPError as err:
-            return err.code, err.headers, err.read().decode()
-
-
 @pytest.fixture(scope="module")
 def deployment():
-    if os.geteuid() != 0:
-        pytest.fail("the Apache tests run as root (run them through ./test.sh)")
-    home = tempfile.mkdtemp(prefix="lite-test-", dir="/tmp")
-    os.chmod(home, 0o755)  # ours: the daemon user must reach the code below it
-    dep = Deployment(home, _free_port())
-    started = dep.script("serve.sh", "start")
-    assert started.returncode == 0, started.stdout + started.stderr
-    apache = dep.apache_pid()
-    processes = [apache, *_children(apache)]
-    try:
+    with deploy.deployed() as dep:
         yield dep
-    finally:
-        stopped = dep.script("serve.sh", "stop", timeout=120)
-        deadline = time.monotonic() + 30
-        while any(_alive(pid) for pid in processes) and time.monotonic() < deadline:
-            time.sleep(0.1)
-        left = [pid for pid in processes if _alive(pid)]
-        for pid in left:
-            os.kill(pid, 9)
-        shutil.rmtree(home, ignore_errors=True)
-        assert stopped.returncode == 0, stopped.stdout + stopped.stderr
-        assert left == [], f"processes left running after serve.sh stop: {left}"
 
 
 def test_twenty_single_threaded_daemons_run_as_www_data(deployment):
     www_data = pwd.getpwnam("www-data").pw_uid
     daemons = []
-    for pid in _children(deployment.apache_pid()):
+    for pid in deploy.children(deployment.apache_pid()):
         with open(f"/proc/{pid}/cmdline", "rb") as f:
             if not f.read().startswith(b"(wsgi:lite)"):
                 continue

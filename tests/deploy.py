@@ -1,0 +1,132 @@
+"""A private Apache + mod_wsgi running the shipped lite.conf, for tests.
+
+Needs root (serve.sh installs Debian packages if missing and starts Apache,
+whose daemons run as www-data) and 127.0.0.1 only. Every process it starts is
+stopped by PID, through serve.sh's PidFile, and checked gone.
+"""
+
+import contextlib
+import os
+import shutil
+import socket
+import sqlite3
+import subprocess
+import tempfile
+import time
+import urllib.error
+import urllib.request
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DAEMONS = 20
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def children(pid):
+    """PIDs whose parent is `pid`, from /proc."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == pid:
+                found.append(int(entry))
+    return found
+
+
+def alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+class Deployment:
+    def __init__(self, home, port):
+        self.home = home
+        self.port = port
+        self.base = f"http://127.0.0.1:{port}"
+        self.env = {**os.environ, "LITE_HOME": home, "LITE_PORT": str(port)}
+        self.db = os.path.join(home, "app", "data", "lite.db")
+        self.config = os.path.join(home, "app", "config.ini")
+        self.error_log = os.path.join(home, "apache", "logs", "error.log")
+
+    def script(self, *args, timeout=600):
+        return subprocess.run(
+            [os.path.join(ROOT, args[0]), *args[1:]],
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            stdin=subprocess.DEVNULL,
+        )
+
+    def daemons(self):
+        """PIDs of the running (wsgi:lite) daemon processes."""
+        found = []
+        for pid in children(self.apache_pid()):
+            try:
+                with open(f"/proc/{pid}/cmdline", "rb") as f:
+                    if f.read().startswith(b"(wsgi:lite)"):
+                        found.append(pid)
+            except OSError:
+                continue
+        return found
+
+    def value(self, counter="hits"):
+        """The counter's value, read from the database file directly."""
+        conn = sqlite3.connect(f"file:{self.db}?mode=ro", uri=True, timeout=10)
+        try:
+            row = conn.execute("SELECT value FROM counters WHERE name = ?", (counter,))
+            return row.fetchone()[0]
+        finally:
+            conn.close()
+
+    def apache_pid(self):
+        with open(os.path.join(self.home, "apache", "run", "httpd.pid")) as f:
+            return int(f.read())
+
+    def request(self, path, data=None):
+        """(status, headers, body) of one request; never raises for a status."""
+        req = urllib.request.Request(self.base + path, data=data)
+        try:
+            with urllib.request.urlopen(req, timeout=30) as res:
+                return res.status, res.headers, res.read().decode()
+        except urllib.error.HTTPError as err:
+            return err.code, err.headers, err.read().decode()
+
+
+@contextlib.contextmanager
+def deployed():
+    """A started Deployment in a fresh /tmp home; stopped and removed afterwards."""
+    if os.geteuid() != 0:
+        raise RuntimeError("the Apache tests run as root (run them through ./test.sh)")
+    home = tempfile.mkdtemp(prefix="lite-test-", dir="/tmp")
+    os.chmod(home, 0o755)  # ours: the daemon user must reach the code below it
+    dep = Deployment(home, free_port())
+    started = dep.script("serve.sh", "start")
+    assert started.returncode == 0, started.stdout + started.stderr
+    apache = dep.apache_pid()
+    processes = [apache, *children(apache)]
+    try:
+        yield dep
+    finally:
+        processes += children(apache)  # daemons started since, e.g. after a kill
+        stopped = dep.script("serve.sh", "stop", timeout=120)
+        deadline = time.monotonic() + 30
+        while any(alive(pid) for pid in processes) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        left = [pid for pid in processes if alive(pid)]
+        for pid in left:
+            os.kill(pid, 9)
+        shutil.rmtree(home, ignore_errors=True)
+        assert stopped.returncode == 0, stopped.stdout + stopped.stderr
+        assert left == [], f"processes left running after serve.sh stop: {left}"

@@ -1,0 +1,144 @@
+"""A load client that records every increment's outcome, and checks the history.
+
+Each of `clients` threads sends POST /lite/inc over its own connection to
+127.0.0.1 until the deadline, or `requests_each` times. Every request ends in
+one of three outcomes:
+
+- ok: 2xx, with the returned new value;
+- failed: a definite refusal that did not apply (4xx, or 503 from lite);
+- unknown: a timeout, a reset connection, or any other 5xx (a killed daemon
+  turns its request into one): it may or may not have counted.
+
+`check()` then states what must hold whatever happened:
+acked <= final delta <= acked + unknown, and every returned value distinct.
+With `idempotent=True`, each increment has its own Idempotency-Key and an
+unknown outcome is retried with the same key until it is definite, so the
+final delta must equal the number of keys that ended ok, exactly.
+"""
+
+import http.client
+import json
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from urllib.parse import urlencode
+
+UNKNOWN_RETRY_SLEEP_S = 0.2  # between retries of an unknown outcome, same key
+
+
+@dataclass
+class History:
+    ok: list[int] = field(default_factory=list)  # returned values
+    failed: list[int] = field(default_factory=list)  # statuses
+    unknown: list[str] = field(default_factory=list)  # what happened
+    keys_ok: set[str] = field(default_factory=set)
+    retries: int = 0
+    statuses: dict[int, int] = field(default_factory=dict)
+    bodies_with_lock_errors: list[str] = field(default_factory=list)
+
+    def check(self, before: int, after: int, idempotent: bool = False) -> None:
+        """Assert what no fault may break; `before`/`after`: the counter's values."""
+        delta = after - before
+        acked = len(self.ok)
+        assert len(set(self.ok)) == acked, "a value was returned twice"
+        assert all(before < value <= after for value in self.ok), "a value out of range"
+        assert acked <= delta <= acked + len(self.unknown), (
+            f"acked {acked}, unknown {len(self.unknown)}, delta {delta}"
+        )
+        assert not self.bodies_with_lock_errors, self.bodies_with_lock_errors[:3]
+        if idempotent:
+            assert not self.unknown, f"{len(self.unknown)} outcomes stayed unknown"
+            assert delta == len(self.keys_ok), f"delta {delta}, keys {len(self.keys_ok)}"
+
+
+def _post(conn, counter, key):
+    headers = {"Content-Type": "application/x-www-form-urlencoded"}
+    if key is not None:
+        headers["Idempotency-Key"] = key
+    conn.request("POST", "/lite/inc", body=urlencode({"counter": counter}), headers=headers)
+    res = conn.getresponse()
+    return res.status, res.read().decode("utf-8", "replace")
+
+
+def _client(port, counter, deadline, requests_each, idempotent, timeout_s, history, lock):
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout_s)
+    sent = 0
+    try:
+        while time.monotonic() < deadline and (requests_each is None or sent < requests_each):
+            sent += 1
+            key = uuid.uuid4().hex if idempotent else None
+            while True:
+                try:
+                    status, body = _post(conn, counter, key)
+                except (OSError, http.client.HTTPException) as exc:
+                    conn.close()
+                    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout_s)
+                    status, body = None, type(exc).__name__
+                with lock:
+                    if status is not None:
+                        history.statuses[status] = history.statuses.get(status, 0) + 1
+                    if body and ("locked" in body or "Traceback" in body):
+                        history.bodies_with_lock_errors.append(body[:200])
+                if status is not None and 200 <= status < 300:
+                    with lock:
+                        history.ok.append(json.loads(body)["value"])
+                        if key is not None:
+                            history.keys_ok.add(key)
+                    break
+                if status is not None and (400 <= status < 500 or status == 503):
+                    with lock:
+                        history.failed.append(status)
+                    break
+                # unknown: it may have counted
+                if key is None or time.monotonic() > deadline + 60:
+                    with lock:
+                        history.unknown.append(body if status is None else str(status))
+                    break
+                with lock:
+                    history.retries += 1
+                time.sleep(UNKNOWN_RETRY_SLEEP_S)
+    finally:
+        conn.close()
+
+
+def run(
+    port,
+    counter="hits",
+    clients=20,
+    seconds=5.0,
+    requests_each=None,
+    idempotent=False,
+    timeout_s=10.0,
+):
+    """Drive the load; returns the History once every client has stopped."""
+    history = History()
+    lock = threading.Lock()
+    deadline = time.monotonic() + seconds
+    threads = [
+        threading.Thread(
+            target=_client,
+            args=(port, counter, deadline, requests_each, idempotent, timeout_s, history, lock),
+            daemon=True,
+        )
+        for _ in range(clients)
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(seconds + 120)
+        assert not thread.is_alive(), "a load client did not stop"
+    return history
+
+
+def start(port, **kwargs):
+    """run() in a background thread; returns a function that waits and gives the History."""
+    result = {}
+    thread = threading.Thread(target=lambda: result.update(history=run(port, **kwargs)))
+    thread.start()
+
+    def wait():
+        thread.join()
+        return result["history"]
+
+    return wait

@@ -1,0 +1,148 @@
+"""Operating the real deployment: /lite/stats of all 20 daemons, /lite/health,
+backup under write load and restore, and the /lite page in a real browser."""
+
+import json
+import os
+import sqlite3
+import subprocess
+import tempfile
+import time
+
+import deploy
+import history
+import pytest
+
+pytestmark = [pytest.mark.apache, pytest.mark.slow]
+
+ARTIFACTS = os.path.join(deploy.ROOT, "test-artifacts")
+
+
+@pytest.fixture(scope="module")
+def deployment():
+    with deploy.deployed() as dep:
+        yield dep
+
+
+def _stats(dep):
+    status, _, body = dep.request("/lite/stats")
+    assert status == 200
+    return json.loads(body)
+
+
+def test_stats_gather_the_figures_of_every_daemon(deployment):
+    load = history.run(deployment.port, clients=20, requests_each=20)
+    assert len(load.ok) == 400
+    time.sleep(1.1)  # past the publishing interval: each daemon's next request publishes
+    history.run(deployment.port, clients=20, requests_each=10)
+    stats = _stats(deployment)
+    daemons = set(deployment.daemons())
+    pids = {figures["pid"] for figures in stats["processes"]}
+    assert pids <= daemons
+    assert len(pids) >= 10, f"only {len(pids)} of 20 daemons published figures"
+    assert stats["process_count"] == len(pids)
+    assert stats["totals"]["requests"] >= 100 and stats["totals"]["writes"] >= 100
+    assert stats["totals"]["write_failures"] == 0
+    database = stats["database"]
+    assert database["journal_mode"] == "wal"
+    assert database["synchronous"] == "NORMAL"
+    assert database["busy_timeout_ms"] == 3000
+    assert database["wal_bytes"] > 0 and database["page_count"] > 0
+
+
+def test_health_is_ok(deployment):
+    status, _, body = deployment.request("/lite/health")
+    assert (status, json.loads(body)) == (200, {"status": "ok"})
+
+
+def test_backup_under_write_load_then_restore(deployment):
+    backup = os.path.join(tempfile.mkdtemp(prefix="lite-backup-"), "lite.db")
+    before = deployment.value()
+    wait = history.start(deployment.port, clients=10, seconds=8)
+    time.sleep(3)
+    during = deployment.value()
+    made = deployment.script("serve.sh", "backup", backup)
+    after = deployment.value()
+    load = wait()
+    assert made.returncode == 0, made.stdout + made.stderr
+    load.check(before, deployment.value())
+    assert not load.failed and not load.unknown, (load.statuses, load.unknown[:3])
+    copy = sqlite3.connect(backup)
+    assert copy.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    copied = copy.execute("SELECT value FROM counters WHERE name = 'hits'").fetchone()[0]
+    copy.close()
+    assert before < during <= copied <= after
+    assert os.stat(backup).st_uid == 0
+    assert deployment.script("serve.sh", "backup", backup).returncode == 1  # never overwrites
+
+    refused = deployment.script("serve.sh", "restore", backup)
+    assert refused.returncode == 1 and "stop first" in refused.stderr
+    assert deployment.script("serve.sh", "stop").returncode == 0
+    restored = deployment.script("serve.sh", "restore", backup)
+    assert restored.returncode == 0, restored.stdout + restored.stderr
+    started = deployment.script("serve.sh", "start")
+    assert started.returncode == 0, started.stdout + started.stderr
+    status, _, body = deployment.request("/lite/get?counter=hits")
+    assert (status, json.loads(body)["value"]) == (200, copied)
+    status, _, _ = deployment.request("/lite/inc", data=b"counter=hits")
+    assert status == 200
+
+
+def _chromium():
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = "/usr/bin/chromium"
+    profile = tempfile.mkdtemp(prefix="lite-chromium-")
+    for flag in (
+        "--headless=new",
+        "--no-sandbox",  # the tests run as root
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        "--no-first-run",
+        "--disable-background-networking",  # this machine has no network
+        "--disable-component-update",
+        "--disable-sync",
+        "--window-size=900,1100",
+        f"--user-data-dir={profile}",
+    ):
+        options.add_argument(flag)
+    return webdriver.Chrome(service=Service("/usr/bin/chromedriver"), options=options)
+
+
+def test_the_page_in_a_real_browser(deployment):
+    """Load /lite in Chromium, click +1, see the new value; keep a screenshot."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    browser = _chromium()
+    try:
+        browser.get(deployment.base + "/lite")
+        value = int(browser.find_element(By.ID, "value-misses").text)
+        browser.find_element(By.ID, "inc-misses").click()
+        WebDriverWait(browser, 10).until(
+            lambda b: b.find_element(By.ID, "value-misses").text == str(value + 1)
+        )
+        assert deployment.value("misses") == value + 1
+        assert browser.current_url == deployment.base + "/lite"  # the 303 came back
+        # The figures refresh themselves from /lite/stats every 2 s.
+        WebDriverWait(browser, 10).until(
+            lambda b: b.find_element(By.ID, "refreshed").text.startswith("updated")
+        )
+        writes = browser.find_element(By.CSS_SELECTOR, '[data-stat="totals.writes"]')
+        assert int(writes.text) >= 1
+        assert "Config version" in browser.find_element(By.ID, "config-version").text
+        os.makedirs(ARTIFACTS, exist_ok=True)
+        assert browser.save_screenshot(os.path.join(ARTIFACTS, "lite-page.png"))
+        logs = browser.get_log("browser")
+        assert not [entry for entry in logs if entry["level"] == "SEVERE"], logs
+    finally:
+        browser.quit()
+
+
+def test_no_browser_process_is_left(deployment):
+    """quit() stopped chromedriver and Chromium: none of ours is left."""
+    ours = subprocess.run(
+        ["ps", "-eo", "pid,args"], capture_output=True, text=True, check=True
+    ).stdout
+    assert "lite-chromium-" not in ours

@@ -9,11 +9,14 @@ Routes (the app is mounted at the server root):
 - GET  /lite/stats           figures of every server process and of the
                              database (see README, Operations)
 - POST /lite/inc             counter=N, by=B (1..1000000, default 1):
-                             {"counter": N, "value": new value}
+                             {"counter": N, "value": new value}; with an
+                             Idempotency-Key header, applied once per key
+                             (a repeat returns the stored value)
 
 Without `counter`, the first counter of config.ini is meant. Errors are JSON
 {"error": "..."}: 400 bad input, 403 cross-site POST, 404 unknown counter,
-405 wrong method, 409 a counter that would pass 2^63-1, 503 with Retry-After
+405 wrong method, 409 a counter that would pass 2^63-1, 422 an
+Idempotency-Key reused for another counter or step, 503 with Retry-After
 when the database could not be reached within lite_db.LOCK_BUDGET_MS. No
 response ever carries a traceback, SQL or driver text.
 
@@ -44,8 +47,9 @@ DEFAULT_DB_PATH = os.path.join(HERE, "data", "lite.db")
 DEFAULT_CONFIG_PATH = os.path.join(HERE, "config.ini")
 MAX_BY = 1_000_000  # largest step of one increment
 RETRY_AFTER_S = 1  # 1 s: what a 503 asks the client to wait
-ERROR_CODES = (400, 403, 404, 405, 409, 413, 500, 503)
+ERROR_CODES = (400, 403, 404, 405, 409, 413, 422, 500, 503)
 _BY = re.compile(r"[1-9][0-9]{0,6}\Z")
+_IDEMPOTENCY_KEY = re.compile(r"[A-Za-z0-9_.:-]{1,128}\Z")
 
 log = logging.getLogger(__name__)
 
@@ -262,7 +266,7 @@ def _check_same_origin() -> None:
     Referer); clients that send neither are not browsers and cannot be
     tricked into sending the request.
     """
-    source = bottle.request.get_header("Origin") or bottle.request.get_header("Referer")
+    source = _header("Origin") or _header("Referer")
     if source is None:
         return
     if _origin(urlsplit(source)) != _origin(bottle.request.urlparts):
@@ -278,8 +282,41 @@ def _origin(url: SplitResult) -> tuple[str, str | None, int | None]:
     return url.scheme, url.hostname, port
 
 
-def _increment(cur: sqlite3.Cursor, name: str, by: int) -> int:
-    value = lite_db.increment(cur, name, by)
+def _header(name: str) -> str | None:
+    """A request header as the server got it (latin-1 text per WSGI).
+
+    Not bottle's get_header, which decodes the value as UTF-8 and raises
+    (a 500) on bytes that are not.
+    """
+    return bottle.request.environ.get("HTTP_" + name.upper().replace("-", "_"))
+
+
+def _idempotency_key() -> str | None:
+    key = _header("Idempotency-Key")
+    if key is not None and not _IDEMPOTENCY_KEY.match(key):
+        raise _json(400, {"error": "Idempotency-Key: use 1-128 of A-Z, a-z, 0-9, _ . : -"})
+    return key
+
+
+def _increment(cur: sqlite3.Cursor, name: str, by: int, key: str | None = None) -> int:
+    """Increment, once per key if a key is given; the new (or stored) value."""
+    if key is None:
+        value = lite_db.increment(cur, name, by)
+    else:
+        result = lite_db.increment_once(cur, name, by, key)
+        if result is False:
+            raise _unavailable()
+        value, replayed = result
+        if value == "mismatch":
+            raise _json(
+                422,
+                {
+                    "error": f"Idempotency-Key already used to add {replayed['by']}"
+                    f" to {replayed['counter']}"
+                },
+            )
+        if replayed:
+            bottle.response.set_header("Idempotent-Replayed", "true")
     if value is False:
         raise _unavailable()
     if value is None:
@@ -471,7 +508,8 @@ def make_app(db_path: str | None = None, config_path: str | None = None) -> bott
         _check_same_origin()
         name = _counter_name(db)
         by = _by()
-        return {"counter": name, "value": _increment(db, name, by)}
+        key = _idempotency_key()
+        return {"counter": name, "value": _increment(db, name, by, key)}
 
     return app
 

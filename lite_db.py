@@ -42,6 +42,9 @@ CHECKPOINT_INTERVAL_S = 1.0  # 1 s: least time between two checkpoints of one pr
 CHECKPOINT_WAIT_MS = 100  # 100 ms: longest wait of a RESTART checkpoint for readers
 WAL_FRAME_HEADER_BYTES = 24  # each page in the WAL is preceded by a 24-byte header
 STATS_INTERVAL_S = 1.0  # 1 s: least time between two publications of a process's figures
+IDEMPOTENCY_TTL_S = 24 * 3600  # 24 h: how long an Idempotency-Key is remembered
+PRUNE_INTERVAL_S = 10.0  # 10 s: least time between two prunings of expired keys by one process
+PRUNE_BATCH = 500  # expired keys removed by one pruning, at most
 SYNCHRONOUS_MODES = ("NORMAL", "FULL")
 MAX_INTEGER = 2**63 - 1  # largest value SQLite stores as an INTEGER
 
@@ -65,13 +68,21 @@ CREATE TABLE IF NOT EXISTS config_audit (
     pid INTEGER NOT NULL,
     applied_at REAL NOT NULL
 ) STRICT;
+CREATE TABLE IF NOT EXISTS idempotency_keys (
+    key TEXT PRIMARY KEY,
+    counter TEXT NOT NULL,
+    by INTEGER NOT NULL,
+    value INTEGER NOT NULL,
+    created_at REAL NOT NULL
+) STRICT;
+CREATE INDEX IF NOT EXISTS idempotency_keys_created_at ON idempotency_keys (created_at);
 CREATE TABLE IF NOT EXISTS health (
     id INTEGER PRIMARY KEY CHECK (id = 1),
     checked_at REAL NOT NULL,
     pid INTEGER NOT NULL
 ) STRICT;
 """
-SCHEMA_VERSION = 2  # PRAGMA user_version of a database that has all of SCHEMA
+SCHEMA_VERSION = 3  # PRAGMA user_version of a database that has all of SCHEMA
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +110,7 @@ _connections: dict[str, tuple[int, sqlite3.Connection]] = {}
 _inherited: list[sqlite3.Connection] = []
 _columns_cache: dict[tuple[int, str], tuple[str, ...]] = {}
 _last_checkpoint: dict[int, float] = {}  # id(connection) -> time.monotonic()
+_last_prune: dict[int, float] = {}  # id(connection) -> time.monotonic()
 _publish_failed: list[Exception] = []  # the first failure to publish figures, if any
 _FAILED = object()  # what _read returns on failure, so that None can mean "no row"
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
@@ -336,7 +348,10 @@ def close_all() -> None:
         if owner == pid:
             conn.close()
         del _connections[path]
+    # Keyed by id(connection), which a new connection may reuse.
     _columns_cache.clear()
+    _last_checkpoint.clear()
+    _last_prune.clear()
 
 
 def transact(
@@ -471,6 +486,64 @@ def increment(cur: sqlite3.Cursor, name: str, by: int = 1) -> Any:
     if row is False:
         return False
     return None if row is True else row[0]
+
+
+def increment_once(cur: sqlite3.Cursor, name: str, by: int, key: str) -> Any:
+    """Add `by` to counter `name` once per `key`, however often it is asked.
+
+    The first call with a key increments and stores the key with its result,
+    in the same transaction; a repeat within IDEMPOTENCY_TTL_S changes
+    nothing and returns the stored result. Returns (value, replayed): the new
+    value (the stored one when replayed), or None as `increment` does;
+    ("mismatch", stored) if the key was used for another counter or step;
+    False on failure. Expired keys are pruned here, a bounded batch at most
+    once per PRUNE_INTERVAL_S per process, so no request pays for a backlog.
+    """
+    if not isinstance(by, int) or isinstance(by, bool) or not 1 <= by <= MAX_INTEGER:
+        raise ValueError("by must be an int from 1 to MAX_INTEGER")
+    now = time.time()
+    prune = _prune_due(cur)
+
+    def work(cur: sqlite3.Cursor) -> tuple[Any, Any]:
+        if prune:
+            cur.execute(
+                "DELETE FROM idempotency_keys WHERE key IN (SELECT key FROM idempotency_keys"
+                " WHERE created_at < ? ORDER BY created_at LIMIT ?)",
+                (now - IDEMPOTENCY_TTL_S, PRUNE_BATCH),
+            )
+        stored = cur.execute(
+            "SELECT counter, by, value FROM idempotency_keys WHERE key = ? AND created_at >= ?",
+            (key, now - IDEMPOTENCY_TTL_S),
+        ).fetchone()
+        if stored is not None:
+            if (stored["counter"], stored["by"]) != (name, by):
+                return "mismatch", dict(stored)
+            return stored["value"], True
+        row = cur.execute(
+            "UPDATE counters SET value = value + ? WHERE name = ? AND value <= ? RETURNING value",
+            (by, name, MAX_INTEGER - by),
+        ).fetchone()
+        if row is None:
+            return None, False
+        cur.execute(
+            "INSERT INTO idempotency_keys (key, counter, by, value, created_at)"
+            " VALUES (?, ?, ?, ?, ?) ON CONFLICT (key) DO UPDATE SET counter = excluded.counter,"
+            " by = excluded.by, value = excluded.value, created_at = excluded.created_at",
+            (key, name, by, row[0], now),
+        )
+        return row[0], False
+
+    return transact(cur, work)
+
+
+def _prune_due(cur: sqlite3.Cursor) -> bool:
+    now = time.monotonic()
+    key = id(cur.connection)
+    last = _last_prune.get(key)
+    if last is not None and now - last < PRUNE_INTERVAL_S:
+        return False
+    _last_prune[key] = now
+    return True
 
 
 def update_counter(cur: sqlite3.Cursor, name: str, compute: Callable[[int], int]) -> Any:

@@ -27,6 +27,7 @@ import contextlib
 import json
 import logging
 import os
+import pwd
 import random
 import re
 import sqlite3
@@ -111,6 +112,10 @@ _inherited: list[sqlite3.Connection] = []
 _columns_cache: dict[tuple[int, str], tuple[str, ...]] = {}
 _last_checkpoint: dict[int, float] = {}  # id(connection) -> time.monotonic()
 _last_prune: dict[int, float] = {}  # id(connection) -> time.monotonic()
+# Connections found unable to write (SQLITE_READONLY: opened when the file
+# was not writable). connect() replaces them, so that a fixed permission is seen.
+_reopen: set[int] = set()
+_read_only: set[int] = set()  # connections opened while the file was not writable
 _publish_failed: list[Exception] = []  # the first failure to publish figures, if any
 _FAILED = object()  # what _read returns on failure, so that None can mean "no row"
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
@@ -264,10 +269,43 @@ def _write(
         result = _retrying(cur, statement if one_statement else in_transaction)
     except sqlite3.Error as exc:
         stats["write_failures"] += 1
-        log.error("write failed (%s): %s", what, exc)
+        if getattr(exc, "sqlite_errorcode", 0) & 0xFF == sqlite3.SQLITE_READONLY:
+            _reopen.add(id(cur.connection))
+        log.error("write failed (%s): %s%s", what, exc, _advice(exc, _path_of(cur)))
         return False
     _checkpoint_now_and_then(cur)
     return result
+
+
+def _path_of(cur: sqlite3.Cursor) -> str | None:
+    for path, (_, conn) in _connections.items():
+        if conn is cur.connection:
+            return path
+    return None
+
+
+def _advice(exc: sqlite3.Error, path: str | None) -> str:
+    """What to do about an error that a person has to fix, for the log line."""
+    code = getattr(exc, "sqlite_errorcode", 0) & 0xFF
+    needs_a_person = (sqlite3.SQLITE_READONLY, sqlite3.SQLITE_CANTOPEN, sqlite3.SQLITE_FULL)
+    if path is None or code not in needs_a_person:
+        return ""
+    if code == sqlite3.SQLITE_FULL:
+        return f"; the disk holding {os.path.dirname(os.path.abspath(path))} is full: free space"
+    directory = os.path.dirname(os.path.abspath(path))
+    user = _user_name()
+    return (
+        f"; {path} (and its directory {directory}, for the -wal and -shm files) must be "
+        f"readable and writable by user {user}: e.g. chown -R {user} {directory} "
+        "(resetapp.sh sets this up)"
+    )
+
+
+def _user_name() -> str:
+    try:
+        return pwd.getpwuid(os.geteuid()).pw_name
+    except KeyError:
+        return f"uid {os.geteuid()}"
 
 
 def _read(cur: sqlite3.Cursor, fetch: Callable[[], Any], what: str) -> Any:
@@ -312,18 +350,31 @@ def _check_columns(cur: sqlite3.Cursor, table: str, names: Iterable[str]) -> tup
 def connect(path: str) -> sqlite3.Connection:
     """This process's connection to `path`, opened on first use.
 
-    Raises sqlite3.Error if the database cannot be opened.
+    A connection that SQLite opened read-only (the file was not writable) is
+    replaced once the file is writable again. Raises sqlite3.Error if the
+    database cannot be opened.
     """
     pid = os.getpid()
     known = _connections.get(path)
     if known is not None:
         owner, conn = known
-        if owner == pid:
+        if id(conn) in _read_only and os.access(path, os.W_OK):
+            _reopen.add(id(conn))
+        if owner == pid and id(conn) not in _reopen:
             return conn
-        _inherited.append(conn)
         del _connections[path]
+        if owner == pid:
+            _reopen.discard(id(conn))
+            _read_only.discard(id(conn))
+            for cache in (_last_checkpoint, _last_prune):
+                cache.pop(id(conn), None)
+            conn.close()
+        else:
+            _inherited.append(conn)
     conn = _open(path)
     _connections[path] = (pid, conn)
+    if not os.access(path, os.W_OK):
+        _read_only.add(id(conn))
     return conn
 
 
@@ -337,7 +388,7 @@ def cursor(path: str) -> sqlite3.Cursor | None:
         return connect(path).cursor()
     except sqlite3.Error as exc:
         stats["read_failures"] += 1
-        log.error("cannot open database %s: %s", path, exc)
+        log.error("cannot open database %s: %s%s", path, exc, _advice(exc, path))
         return None
 
 
@@ -352,6 +403,8 @@ def close_all() -> None:
     _columns_cache.clear()
     _last_checkpoint.clear()
     _last_prune.clear()
+    _reopen.clear()
+    _read_only.clear()
 
 
 def transact(

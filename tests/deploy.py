@@ -90,6 +90,34 @@ class Deployment:
         finally:
             conn.close()
 
+    def log_size(self):
+        return os.path.getsize(self.error_log)
+
+    def log_since(self, offset):
+        """What Apache's error log got since `offset` (from log_size())."""
+        with open(self.error_log, errors="replace") as f:
+            f.seek(offset)
+            return f.read()
+
+    def wait_healthy(self, timeout_s=30):
+        """True once /lite/health answers 200 within timeout_s."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            try:
+                if self.request("/lite/health")[0] == 200:
+                    return True
+            except OSError:
+                pass
+            time.sleep(0.2)
+        return False
+
+    def integrity(self):
+        conn = sqlite3.connect(f"file:{self.db}?mode=ro", uri=True, timeout=10)
+        try:
+            return conn.execute("PRAGMA integrity_check").fetchone()[0]
+        finally:
+            conn.close()
+
     def apache_pid(self):
         with open(os.path.join(self.home, "apache", "run", "httpd.pid")) as f:
             return int(f.read())
@@ -105,21 +133,29 @@ class Deployment:
 
 
 @contextlib.contextmanager
-def deployed():
-    """A started Deployment in a fresh /tmp home; stopped and removed afterwards."""
+def deployed(before_start=None, after_stop=None):
+    """A started Deployment in a fresh /tmp home; stopped and removed afterwards.
+
+    before_start(home) and after_stop(home), if given, run around serve.sh
+    start and stop (e.g. to mount a small filesystem for the data).
+    """
     if os.geteuid() != 0:
         raise RuntimeError("the Apache tests run as root (run them through ./test.sh)")
     home = tempfile.mkdtemp(prefix="lite-test-", dir="/tmp")
     os.chmod(home, 0o755)  # ours: the daemon user must reach the code below it
     dep = Deployment(home, free_port())
-    started = dep.script("serve.sh", "start")
-    assert started.returncode == 0, started.stdout + started.stderr
-    apache = dep.apache_pid()
-    processes = [apache, *children(apache)]
+    if before_start is not None:
+        before_start(home)
+    processes = []
     try:
+        started = dep.script("serve.sh", "start")
+        assert started.returncode == 0, started.stdout + started.stderr
+        apache = dep.apache_pid()
+        processes += [apache, *children(apache)]
         yield dep
     finally:
-        processes += children(apache)  # daemons started since, e.g. after a kill
+        if processes:
+            processes += children(processes[0])  # daemons started since, e.g. after a kill
         stopped = dep.script("serve.sh", "stop", timeout=120)
         deadline = time.monotonic() + 30
         while any(alive(pid) for pid in processes) and time.monotonic() < deadline:
@@ -127,6 +163,8 @@ def deployed():
         left = [pid for pid in processes if alive(pid)]
         for pid in left:
             os.kill(pid, 9)
+        if after_stop is not None:
+            after_stop(home)
         shutil.rmtree(home, ignore_errors=True)
         assert stopped.returncode == 0, stopped.stdout + stopped.stderr
         assert left == [], f"processes left running after serve.sh stop: {left}"

@@ -5,7 +5,7 @@ Each of `clients` threads sends POST /lite/inc over its own connection to
 one of three outcomes:
 
 - ok: 2xx, with the returned new value;
-- failed: a definite refusal that did not apply (4xx, or 503 from lite);
+- failed: a definite refusal that did not apply (4xx, or lite's JSON 503);
 - unknown: a timeout, a reset connection, or any other 5xx (a killed daemon
   turns its request into one): it may or may not have counted.
 
@@ -86,7 +86,9 @@ def _client(port, counter, deadline, requests_each, idempotent, timeout_s, histo
                         if key is not None:
                             history.keys_ok.add(key)
                     break
-                if status is not None and (400 <= status < 500 or status == 503):
+                if status is not None and (
+                    400 <= status < 500 or (status == 503 and body.startswith("{"))
+                ):
                     with lock:
                         history.failed.append(status)
                     break

@@ -1,0 +1,301 @@
+"""Faults against the real Apache deployment, each under load from 127.0.0.1:
+daemons killed, graceful restarts, config storms and bad config versions,
+a lock held by another process, a full disk, a database the daemons cannot
+write. After each: the history check holds (no acknowledged increment lost,
+no value returned twice, no lock error seen by a client), the database passes
+its integrity check, and the service recovers by itself.
+
+Every process started here is stopped by PID; daemons are killed by PID.
+"""
+
+import json
+import os
+import pwd
+import random
+import signal
+import sqlite3
+import subprocess
+import threading
+import time
+
+import deploy
+import history
+import pytest
+
+pytestmark = [pytest.mark.apache, pytest.mark.slow]
+
+WWW_DATA = pwd.getpwnam("www-data")
+
+
+@pytest.fixture(scope="module")
+def deployment():
+    with deploy.deployed() as dep:
+        yield dep
+
+
+def _kill_daemons_while(dep, running, every_s, all_at_once=False):
+    """SIGKILL one daemon (or all) by PID every `every_s` while running(); the PIDs killed."""
+    killed = []
+    while running():
+        daemons = dep.daemons()
+        for pid in daemons if all_at_once else random.sample(daemons, min(1, len(daemons))):
+            os.kill(pid, signal.SIGKILL)
+            killed.append(pid)
+        time.sleep(every_s)
+    return killed
+
+
+def _until(seconds):
+    deadline = time.monotonic() + seconds
+    return lambda: time.monotonic() < deadline
+
+
+@pytest.mark.parametrize("idempotent", [False, True], ids=["plain", "idempotent"])
+def test_daemons_killed_under_write_load(deployment, idempotent):
+    counter = "misses" if idempotent else "hits"
+    before = deployment.value(counter)
+    wait = history.start(
+        deployment.port, counter=counter, clients=20, seconds=10, idempotent=idempotent
+    )
+    time.sleep(1)
+    killed = _kill_daemons_while(deployment, _until(6), every_s=0.4)
+    killed += _kill_daemons_while(deployment, _until(0.1), every_s=1, all_at_once=True)
+    load = wait()
+    assert len(killed) >= 20
+    assert deployment.wait_healthy(), "the service did not recover"
+    load.check(before, deployment.value(counter), idempotent=idempotent)
+    assert len(load.ok) > 500
+    assert deployment.integrity() == "ok"
+    assert set(load.statuses) <= {200, 500, 502, 503}, load.statuses
+    print(f"killed {len(killed)}, {load.statuses}, unknown {len(load.unknown)}")
+    print(f"retries {load.retries}, ok {len(load.ok)}")
+
+
+def test_graceful_restarts_under_write_load(deployment):
+    before = deployment.value()
+    old = set(deployment.daemons())
+    wait = history.start(deployment.port, clients=20, seconds=10)
+    for _ in range(2):
+        time.sleep(3)
+        os.kill(deployment.apache_pid(), signal.SIGUSR1)  # apachectl graceful
+    load = wait()
+    assert deployment.wait_healthy()
+    load.check(before, deployment.value())
+    assert not old & set(deployment.daemons()), "the daemons were not replaced"
+    assert len(deployment.daemons()) == deploy.DAEMONS
+    assert deployment.integrity() == "ok"
+    print(load.statuses, len(load.unknown))
+
+
+def _write_atomically(path, text, age_s=5.0, mode=0o644):
+    """Replace the file by a rename, its mtime `age_s` back (past the settle time)."""
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(text)
+    then = time.time() - age_s
+    os.utime(tmp, (then, then))
+    os.chmod(tmp, mode)
+    os.replace(tmp, path)
+
+
+def _audit(dep):
+    conn = sqlite3.connect(f"file:{dep.db}?mode=ro", uri=True, timeout=10)
+    try:
+        return [row[0] for row in conn.execute("SELECT fingerprint FROM config_audit")]
+    finally:
+        conn.close()
+
+
+def _reads_while(dep, running):
+    """GET /lite/get until running() is false; the statuses seen."""
+    seen = {}
+    while running():
+        status = dep.request("/lite/get")[0]
+        seen[status] = seen.get(status, 0) + 1
+    return seen
+
+
+def test_config_rewritten_many_times_under_load(deployment):
+    audit_before = len(_audit(deployment))
+    before = deployment.value()
+    wait = history.start(deployment.port, clients=10, seconds=14)
+    versions = 20
+    for i in range(versions):
+        _write_atomically(deployment.config, f"[counters]\nhits = 0\nmisses = 0\nc{i} = {i}\n")
+        time.sleep(0.5)  # many requests see each version
+    load = wait()
+    load.check(before, deployment.value())
+    assert not load.failed and not load.unknown
+    audit = _audit(deployment)[audit_before:]
+    assert len(audit) == len(set(audit)) == versions, f"{len(audit)} applications"
+    status, _, body = deployment.request("/lite/get?counter=c19")
+    assert (status, json.loads(body)["value"]) == (200, 19)
+
+
+def test_bad_config_versions_keep_the_last_good_one(deployment):
+    good = "[counters]\nhits = 0\nmisses = 0\ngood = 7\n"
+    _write_atomically(deployment.config, good)
+    time.sleep(0.5)
+    assert deployment.request("/lite/get?counter=good")[0] == 200
+    audit_before = len(_audit(deployment))
+    log_from = deployment.log_size()
+    stop = threading.Event()
+    statuses = {}
+    reader = threading.Thread(
+        target=lambda: statuses.update(_reads_while(deployment, lambda: not stop.is_set()))
+    )
+    reader.start()
+    bad = []
+    try:
+        # A torn in-place write: half a file, left there past the settle time.
+        with open(deployment.config, "w") as f:
+            f.write("[counters]\nhits = 0\nmisses = 0\ngood = ")
+        bad.append("torn")
+        time.sleep(2)
+        _write_atomically(deployment.config, "this is not an ini file\n")
+        bad.append("malformed")
+        time.sleep(1)
+        _write_atomically(deployment.config, "[counters]\n" + "x = 1\n" * 20_000)
+        bad.append("huge")
+        time.sleep(1)
+        # root's, mode 0600: the daemons cannot read it
+        _write_atomically(deployment.config, good + "secret = 1\n", mode=0o600)
+        bad.append("unreadable")
+        time.sleep(1)
+        os.remove(deployment.config)
+        bad.append("deleted")
+        time.sleep(1.5)
+        status, _, body = deployment.request("/lite/get?counter=good")
+    finally:
+        stop.set()
+        reader.join(30)
+        _write_atomically(deployment.config, good)
+    assert (status, json.loads(body)["value"]) == (200, 7)
+    assert set(statuses) == {200}, statuses
+    assert len(_audit(deployment)) == audit_before  # nothing applied
+    log = deployment.log_since(log_from)
+    rejections = [line for line in log.splitlines() if "not applied" in line]
+    assert len(rejections) == len(bad), "\n".join(rejections)
+    assert "Traceback" not in log
+
+
+def _hold_lock(dep, seconds):
+    conn = sqlite3.connect(dep.db, isolation_level=None, timeout=10)
+    try:
+        conn.execute("BEGIN EXCLUSIVE")
+        time.sleep(seconds)
+        conn.execute("ROLLBACK")
+    finally:
+        conn.close()
+
+
+def test_a_short_lock_is_invisible_a_long_one_is_503(deployment):
+    before = deployment.value()
+    # Short: 1 s, a third of the 3 s budget. Every client waits it out.
+    wait = history.start(deployment.port, clients=20, seconds=4)
+    time.sleep(1)
+    _hold_lock(deployment, 1.0)
+    load = wait()
+    load.check(before, deployment.value())
+    assert set(load.statuses) == {200}, load.statuses
+
+    # Long: 6 s, twice the budget. Writes give 503 + Retry-After, reads go on.
+    before = deployment.value()
+    log_from = deployment.log_size()
+    holder = threading.Thread(target=_hold_lock, args=(deployment, 6.0))
+    holder.start()
+    time.sleep(0.3)
+    wait = history.start(deployment.port, clients=5, seconds=4)
+    status, headers, body = deployment.request("/lite/inc", data=b"counter=hits")
+    read_statuses = _reads_while(deployment, _until(2))  # the lock is still held
+    load = wait()
+    holder.join(30)
+    assert (status, headers["Retry-After"]) == (503, "1")
+    assert json.loads(body) == {"error": "database busy, retry later"}
+    assert set(read_statuses) == {200}, read_statuses
+    assert set(load.statuses) <= {200, 503} and 503 in load.statuses, load.statuses
+    load.check(before, deployment.value())
+    assert deployment.wait_healthy()
+    assert deployment.request("/lite/inc", data=b"counter=hits")[0] == 200
+    assert "Traceback" not in deployment.log_since(log_from)
+
+
+def test_the_database_not_writable_by_the_daemons(deployment):
+    """The file made root's: reads go on, writes get 503 and the log says
+    what to fix; fixed, the service writes again without a restart."""
+    log_from = deployment.log_size()
+    before = deployment.value()
+    os.chown(deployment.db, 0, 0)
+    os.chmod(deployment.db, 0o644)
+    try:
+        for pid in deployment.daemons():  # new daemons open the database anew
+            os.kill(pid, signal.SIGKILL)
+        time.sleep(1)
+        daemons = set(deployment.daemons())
+        reads = [deployment.request("/lite/get")[0] for _ in range(20)]
+        writes = [deployment.request("/lite/inc", data=b"counter=hits") for _ in range(20)]
+        assert set(reads) == {200}
+        assert {status for status, _, _ in writes} == {503}
+        assert all(headers["Retry-After"] == "1" for _, headers, _ in writes)
+        assert set(deployment.daemons()) == daemons, "daemons restarted: a crash loop"
+    finally:
+        os.chown(deployment.db, WWW_DATA.pw_uid, WWW_DATA.pw_gid)
+        os.chmod(deployment.db, 0o600)
+    assert deployment.value() == before
+    log = deployment.log_since(log_from)
+    assert f"{deployment.db} (and its directory" in log and "chown" in log, log[-2000:]
+    assert "Traceback" not in log
+    statuses = {deployment.request("/lite/inc", data=b"counter=hits")[0] for _ in range(40)}
+    assert statuses == {200}
+    assert deployment.value() == before + 40
+
+
+# A full disk needs its own deployment: the data directory on a small tmpfs.
+
+
+def _mount_data(home):
+    data = os.path.join(home, "app", "data")
+    os.makedirs(data)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", data], check=True)
+
+
+def _unmount_data(home):
+    subprocess.run(["umount", os.path.join(home, "app", "data")], check=True)
+
+
+def test_a_full_disk_refuses_writes_and_loses_nothing():
+    with deploy.deployed(before_start=_mount_data, after_stop=_unmount_data) as dep:
+        for _ in range(50):
+            assert dep.request("/lite/inc", data=b"counter=hits")[0] == 200
+        data = os.path.dirname(dep.db)
+        filler = os.path.join(data, "filler")
+        # Fill the filesystem; a reader held open keeps the WAL from starting
+        # over, so the next writes need new space.
+        reader = sqlite3.connect(dep.db, isolation_level=None, timeout=10)
+        reader.execute("BEGIN")
+        reader.execute("SELECT value FROM counters").fetchall()
+        subprocess.run(
+            ["dd", "if=/dev/zero", f"of={filler}", "bs=64k"],
+            capture_output=True,
+            check=False,
+        )
+        before = dep.value()
+        log_from = dep.log_size()
+        try:
+            load = history.run(dep.port, clients=5, seconds=4)
+            reads = {dep.request("/lite/get")[0] for _ in range(20)}
+        finally:
+            reader.execute("ROLLBACK")
+            reader.close()
+            os.remove(filler)
+        assert 503 in load.statuses, load.statuses
+        assert set(load.statuses) <= {200, 503}
+        assert reads == {200}
+        load.check(before, dep.value())
+        log = dep.log_since(log_from)
+        assert "is full: free space" in log and "Traceback" not in log
+        assert dep.wait_healthy()
+        after = history.run(dep.port, clients=5, requests_each=20)
+        assert set(after.statuses) == {200}
+        assert dep.value() == before + len(load.ok) + 100
+        assert dep.integrity() == "ok"

@@ -41,7 +41,8 @@ def test_stats_reads_settings_back_from_the_live_connection(app):
     stats = app.get("/lite/stats", status=200).json
     assert stats["database"]["journal_mode"] == "wal"
     assert stats["database"]["synchronous"] == "NORMAL"
-    assert stats["database"]["busy_timeout_ms"] == lite_db.LOCK_BUDGET_MS
+    assert stats["database"]["busy_timeout_ms"] == lite_db.BUSY_POLL_MS
+    assert stats["database"]["lock_budget_ms"] == lite_db.LOCK_BUDGET_MS
     assert stats["database"]["journal_size_limit_bytes"] == lite_db.JOURNAL_SIZE_LIMIT_BYTES
     assert stats["database"]["page_count"] > 0
     assert stats["database"]["wal_bytes"] > 0

@@ -45,7 +45,7 @@ def test_stats_gather_the_figures_of_every_daemon(deployment):
     database = stats["database"]
     assert database["journal_mode"] == "wal"
     assert database["synchronous"] == "NORMAL"
-    assert database["busy_timeout_ms"] == 3000
+    assert database["busy_timeout_ms"] == 5 and database["lock_budget_ms"] == 3000
     assert database["wal_bytes"] > 0 and database["page_count"] > 0
 
 

@@ -92,7 +92,6 @@ th, td { text-align: left; padding: .35rem .6rem; border-bottom: 1px solid #ddd;
 .num { font-variant-numeric: tabular-nums; text-align: right; }
 button { font: inherit; padding: .2rem .9rem; cursor: pointer; }
 .note { color: #666; font-size: .9rem; }
-.bad { color: #a00; font-weight: bold; }
 </style>
 </head>
 <body>

@@ -10,14 +10,18 @@ Every process started here is stopped by PID; daemons are killed by PID.
 
 import json
 import os
+import pathlib
 import pwd
 import random
+import shutil
 import signal
 import sqlite3
 import subprocess
+import tempfile
 import threading
 import time
 
+import bottle
 import deploy
 import history
 import pytest
@@ -299,3 +303,72 @@ def test_a_full_disk_refuses_writes_and_loses_nothing():
         assert set(after.statuses) == {200}
         assert dep.value() == before + len(load.ok) + 100
         assert dep.integrity() == "ok"
+
+
+_AS_DAEMON_USER = """
+import io, json, logging, sys, wsgiref.util
+log = io.StringIO()
+logging.basicConfig(stream=log, level=logging.INFO)
+import lite_app
+app = lite_app.make_app(db_path=sys.argv[1], config_path=sys.argv[2])
+answers = []
+for method in ("GET", "POST"):
+    environ = {"REQUEST_METHOD": method, "PATH_INFO": "/lite/inc" if method == "POST"
+               else "/lite/get", "CONTENT_LENGTH": "0", "wsgi.input": io.BytesIO()}
+    wsgiref.util.setup_testing_defaults(environ)
+    seen = {}
+    body = b"".join(app(environ, lambda status, headers, exc_info=None: seen.update(
+        status=status, headers=dict(headers))))
+    answers.append([seen["status"], seen["headers"].get("Retry-After"), body.decode()])
+print(json.dumps({"answers": answers, "log": log.getvalue()}))
+"""
+
+
+@pytest.fixture
+def public_tmp_path():
+    """A fresh directory that www-data can reach (pytest's tmp_path is root's 0700)."""
+    path = pathlib.Path(tempfile.mkdtemp(prefix="lite-faults-", dir="/tmp"))
+    yield path
+    shutil.rmtree(path)
+
+
+def test_a_data_directory_the_daemon_user_cannot_write(public_tmp_path):
+    """As www-data, with the database in a directory it cannot write: 503 with
+    Retry-After, never a crash, and a log line naming the path and the fix."""
+    tmp_path = public_tmp_path
+    code = tmp_path / "code"
+    code.mkdir()
+    for name in ("lite_app.py", "lite_db.py", "lite_config.py", "config.ini"):
+        shutil.copy(os.path.join(deploy.ROOT, name), code)
+    shutil.copy(bottle.__file__, code)
+    data = tmp_path / "data"
+    data.mkdir()  # root's, 0755: www-data may read it, not create files in it
+    for path in (tmp_path, code, data):
+        os.chmod(path, 0o755)
+    db = str(data / "lite.db")
+    ran = subprocess.run(
+        [
+            "/usr/sbin/runuser",
+            "-u",
+            "www-data",
+            "--",
+            "/usr/bin/python3",
+            "-c",
+            _AS_DAEMON_USER,
+            db,
+            str(code / "config.ini"),
+        ],
+        cwd=code,
+        env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(code), "LANG": "C.UTF-8"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert ran.returncode == 0, ran.stderr
+    result = json.loads(ran.stdout)
+    for status, retry_after, body in result["answers"]:
+        assert (status, retry_after) == ("503 Service Unavailable", "1")
+        assert json.loads(body) == {"error": "database busy, retry later"}
+    assert f"cannot open database {db}" in result["log"]
+    assert f"chown -R www-data {data}" in result["log"]
+    assert "Traceback" not in result["log"] and not os.path.exists(db)

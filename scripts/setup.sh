@@ -9,7 +9,7 @@ cd "$(dirname "$0")/.."
 
 PACKAGES=(apache2 libapache2-mod-wsgi-py3 siege wrk python3 python3-venv ca-certificates)
 if [ "${1:-}" = "--dev" ]; then
-    PACKAGES+=(chromium chromium-driver)
+    PACKAGES+=(chromium chromium-driver fonts-liberation)
 fi
 
 missing=()

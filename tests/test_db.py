@@ -361,3 +361,20 @@ def test_writes_checkpoint_the_wal_at_most_once_per_interval(cur, other, monkeyp
         assert lite_db.increment(cur, "a", 1)
     assert lite_db.stats["checkpoints"] == before + 4
     assert other.execute("SELECT value FROM counters").fetchone()[0] == 53
+
+
+def test_a_database_made_by_an_older_lite_gets_the_new_tables_and_keeps_its_data(db_path):
+    old = sqlite3.connect(db_path)
+    old.executescript(
+        """
+        CREATE TABLE counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL,
+                               position INTEGER NOT NULL) STRICT;
+        INSERT INTO counters VALUES ('hits', 41, 0);
+        """
+    )
+    old.close()
+    cur = lite_db.cursor(db_path)
+    assert cur.execute("PRAGMA user_version").fetchone()[0] == lite_db.SCHEMA_VERSION
+    tables = {row[0] for row in cur.execute("SELECT name FROM sqlite_schema WHERE type='table'")}
+    assert {"counters", "config_state", "config_audit", "idempotency_keys", "health"} <= tables
+    assert lite_db.increment_once(cur, "hits", 1, "k") == (42, False)

@@ -255,8 +255,10 @@ def _write(
 
     def in_transaction() -> Any:
         began = time.monotonic()
-        cur.execute("BEGIN IMMEDIATE")
-        stats["write_lock_wait_s"] += time.monotonic() - began
+        try:
+            cur.execute("BEGIN IMMEDIATE")
+        finally:
+            stats["write_lock_wait_s"] += time.monotonic() - began
         try:
             result = work(cur)
             cur.execute("COMMIT")

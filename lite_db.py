@@ -534,19 +534,25 @@ def upsert(cur: sqlite3.Cursor, table: str, row: dict[str, Any]) -> bool:
     return _write(cur, run, f"upsert {table}", one_statement=True)
 
 
+# Adds a step to a counter in one statement; no row when there is no such
+# counter or the sum would pass MAX_INTEGER (the third parameter is the
+# largest value the step may be added to).
+_INCREMENT = "UPDATE counters SET value = value + ? WHERE name = ? AND value <= ? RETURNING value"
+
+
+def _check_step(by: Any) -> None:
+    if not isinstance(by, int) or isinstance(by, bool) or not 1 <= by <= MAX_INTEGER:
+        raise ValueError("by must be an int from 1 to MAX_INTEGER")
+
+
 def increment(cur: sqlite3.Cursor, name: str, by: int = 1) -> Any:
     """Add `by` to counter `name` in one atomic statement.
 
     Returns the new value; None when there is no such counter or the sum would
     exceed MAX_INTEGER (nothing is written then); False on failure.
     """
-    if not isinstance(by, int) or isinstance(by, bool) or not 1 <= by <= MAX_INTEGER:
-        raise ValueError("by must be an int from 1 to MAX_INTEGER")
-    row = transact_one(
-        cur,
-        "UPDATE counters SET value = value + ? WHERE name = ? AND value <= ? RETURNING value",
-        (by, name, MAX_INTEGER - by),
-    )
+    _check_step(by)
+    row = transact_one(cur, _INCREMENT, (by, name, MAX_INTEGER - by))
     if row is False:
         return False
     return None if row is True else row[0]
@@ -563,8 +569,7 @@ def increment_once(cur: sqlite3.Cursor, name: str, by: int, key: str) -> Any:
     False on failure. Expired keys are pruned here, a bounded batch at most
     once per PRUNE_INTERVAL_S per process, so no request pays for a backlog.
     """
-    if not isinstance(by, int) or isinstance(by, bool) or not 1 <= by <= MAX_INTEGER:
-        raise ValueError("by must be an int from 1 to MAX_INTEGER")
+    _check_step(by)
     now = time.time()
     prune = _prune_due(cur)
 
@@ -583,10 +588,7 @@ def increment_once(cur: sqlite3.Cursor, name: str, by: int, key: str) -> Any:
             if (stored["counter"], stored["by"]) != (name, by):
                 return "mismatch", dict(stored)
             return stored["value"], True
-        row = cur.execute(
-            "UPDATE counters SET value = value + ? WHERE name = ? AND value <= ? RETURNING value",
-            (by, name, MAX_INTEGER - by),
-        ).fetchone()
+        row = cur.execute(_INCREMENT, (by, name, MAX_INTEGER - by)).fetchone()
         if row is None:
             return None, False
         cur.execute(

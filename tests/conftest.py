@@ -53,6 +53,16 @@ def app(db_path, config_path):
 
 
 @pytest.fixture
+def impatient_app(db_path, config_path, monkeypatch):
+    """An app whose lock budget is 200 ms, its database made and config applied."""
+    lite_db.close_all()
+    monkeypatch.setattr(lite_db, "LOCK_BUDGET_MS", 200)
+    app = webtest.TestApp(lite_app.make_app(db_path=db_path, config_path=str(config_path)))
+    app.get("/lite", status=200)
+    return app
+
+
+@pytest.fixture
 def cur(db_path):
     cur = lite_db.cursor(db_path)
     yield cur

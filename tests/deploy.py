@@ -81,14 +81,17 @@ class Deployment:
                 continue
         return found
 
-    def value(self, counter="hits"):
-        """The counter's value, read from the database file directly."""
+    def query(self, sql, params=()):
+        """Rows of `sql`, read from the database file directly, read-only."""
         conn = sqlite3.connect(f"file:{self.db}?mode=ro", uri=True, timeout=10)
         try:
-            row = conn.execute("SELECT value FROM counters WHERE name = ?", (counter,))
-            return row.fetchone()[0]
+            return conn.execute(sql, params).fetchall()
         finally:
             conn.close()
+
+    def value(self, counter="hits"):
+        """The counter's value, read from the database file directly."""
+        return self.query("SELECT value FROM counters WHERE name = ?", (counter,))[0][0]
 
     def log_size(self):
         return os.path.getsize(self.error_log)
@@ -112,11 +115,7 @@ class Deployment:
         return False
 
     def integrity(self):
-        conn = sqlite3.connect(f"file:{self.db}?mode=ro", uri=True, timeout=10)
-        try:
-            return conn.execute("PRAGMA integrity_check").fetchone()[0]
-        finally:
-            conn.close()
+        return self.query("PRAGMA integrity_check")[0][0]
 
     def apache_pid(self):
         with open(os.path.join(self.home, "apache", "run", "httpd.pid")) as f:

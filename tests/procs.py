@@ -8,6 +8,8 @@ import multiprocessing
 import queue
 import time
 
+import lite_db
+
 _ctx = multiprocessing.get_context("spawn")
 
 
@@ -64,3 +66,22 @@ def run(target, args_list, timeout_s=120):
     """Run target(*args) in one process per args tuple; their results in order."""
     procs, results = start(target, args_list)
     return finish(procs, results, timeout_s)
+
+
+def increment_until(db_path, stop_at, pause_s=0.0):
+    """Increment "hits" through lite_db until time.time() reaches stop_at.
+
+    pause_s: a sleep after each increment, as a web request's other work
+    would leave; 0 is a tight loop. Returns (done, failed, WAL restarts
+    this process ran).
+    """
+    cur = lite_db.cursor(db_path)
+    done = failed = 0
+    while time.time() < stop_at:
+        if lite_db.increment(cur, "hits", 1):
+            done += 1
+        else:
+            failed += 1
+        if pause_s:
+            time.sleep(pause_s)
+    return done, failed, lite_db.stats["wal_restarts"]

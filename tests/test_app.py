@@ -158,11 +158,8 @@ def test_no_counters_is_a_404_with_a_reason(tmp_path, db_path):
     assert "No counters yet" in app.get("/lite", status=200).text
 
 
-def test_database_busy_is_503_with_retry_after(db_path, config_path, other, monkeypatch):
-    lite_db.close_all()
-    monkeypatch.setattr(lite_db, "LOCK_BUDGET_MS", 200)
-    app = webtest.TestApp(lite_app.make_app(db_path=db_path, config_path=str(config_path)))
-    app.get("/lite", status=200)
+def test_database_busy_is_503_with_retry_after(other, impatient_app):
+    app = impatient_app
     other.execute("BEGIN EXCLUSIVE")
     try:
         res = app.post("/lite/inc", status=503)

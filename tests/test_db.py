@@ -260,18 +260,6 @@ def test_busy_without_wait_is_retried(cur, other):
     assert cur.execute("PRAGMA busy_timeout").fetchone()[0] == lite_db.BUSY_POLL_MS
 
 
-def _increment_in_a_tight_loop(db_path, seconds):
-    cur = lite_db.cursor(db_path)
-    stop_at = time.monotonic() + seconds
-    done = failed = 0
-    while time.monotonic() < stop_at:
-        if lite_db.increment(cur, "hits", 1):
-            done += 1
-        else:
-            failed += 1
-    return done, failed
-
-
 @pytest.mark.slow
 def test_waits_for_the_write_lock_are_fair(db_path, cur, other):
     """8 processes incrementing as fast as they can, no pause: none gives up.
@@ -283,9 +271,9 @@ def test_waits_for_the_write_lock_are_fair(db_path, cur, other):
     BUSY_POLL_MS, so every waiter keeps trying.
     """
     lite_db.upsert(cur, "counters", {"name": "hits", "value": 0, "position": 0})
-    results = procs.run(_increment_in_a_tight_loop, [(db_path, 5)] * 8)
-    assert sum(failed for _, failed in results) == 0, results
-    done = [count for count, _ in results]
+    results = procs.run(procs.increment_until, [(db_path, time.time() + 5)] * 8)
+    assert sum(failed for _, failed, _ in results) == 0, results
+    done = [count for count, _, _ in results]
     assert min(done) >= 0.2 * sum(done) / len(done), f"a process was starved: {done}"
     assert other.execute("SELECT value FROM counters").fetchone()[0] == sum(done)
 

@@ -103,11 +103,7 @@ def _write_atomically(path, text, age_s=5.0, mode=0o644):
 
 
 def _audit(dep):
-    conn = sqlite3.connect(f"file:{dep.db}?mode=ro", uri=True, timeout=10)
-    try:
-        return [row[0] for row in conn.execute("SELECT fingerprint FROM config_audit")]
-    finally:
-        conn.close()
+    return [row[0] for row in dep.query("SELECT fingerprint FROM config_audit")]
 
 
 def _reads_while(dep, running):

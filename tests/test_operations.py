@@ -19,13 +19,8 @@ def test_health_is_ok_and_really_writes(app, other):
     assert other.execute("SELECT count(*) FROM health").fetchone()[0] == 1
 
 
-def test_health_is_503_with_the_reason_when_writes_cannot_get_through(
-    db_path, config_path, other, monkeypatch
-):
-    lite_db.close_all()
-    monkeypatch.setattr(lite_db, "LOCK_BUDGET_MS", 200)
-    app = webtest.TestApp(lite_app.make_app(db_path=db_path, config_path=str(config_path)))
-    app.get("/lite", status=200)
+def test_health_is_503_with_the_reason_when_writes_cannot_get_through(other, impatient_app):
+    app = impatient_app
     other.execute("BEGIN EXCLUSIVE")
     try:
         res = app.get("/lite/health", status=503)
@@ -118,17 +113,7 @@ def _read_until(db_path, stop_at):
     return reads
 
 
-def _increment_until(db_path, stop_at, pause_s=0.0005):
-    """Increment "hits" until stop_at, pausing as a web request would."""
-    cur = lite_db.cursor(db_path)
-    done = failed = 0
-    while time.time() < stop_at:
-        if lite_db.increment(cur, "hits", 1):
-            done += 1
-        else:
-            failed += 1
-        time.sleep(pause_s)
-    return done, failed, lite_db.stats["wal_restarts"]
+WRITER_PAUSE_S = 0.0005  # between two increments, as a web request's other work leaves
 
 
 @pytest.mark.slow
@@ -139,7 +124,7 @@ def test_the_wal_stays_small_under_reads_that_never_pause(db_path, app, other):
     wal = db_path + "-wal"
     stop_at = time.time() + 9
     readers = procs.start(_read_until, [(db_path, stop_at)] * 10)
-    writers = procs.start(_increment_until, [(db_path, stop_at)] * 3)
+    writers = procs.start(procs.increment_until, [(db_path, stop_at, WRITER_PAUSE_S)] * 3)
     sizes = []
     while time.time() < stop_at:
         sizes.append(os.path.getsize(wal) if os.path.exists(wal) else 0)
@@ -160,7 +145,7 @@ def test_the_wal_stays_small_under_reads_that_never_pause(db_path, app, other):
 def test_backup_under_write_load_is_consistent(db_path, app, other, tmp_path):
     app.get("/lite", status=200)
     stop_at = time.time() + 6
-    running = procs.start(_increment_until, [(db_path, stop_at)] * 4)
+    running = procs.start(procs.increment_until, [(db_path, stop_at, WRITER_PAUSE_S)] * 4)
     time.sleep(3)  # the writers are running
     before = other.execute("SELECT value FROM counters WHERE name = 'hits'").fetchone()[0]
     dest = tmp_path / "copy.db"

@@ -9,14 +9,17 @@ Contract:
   and, only if they differ, applies the file and records the fingerprint and
   an audit row (fingerprint, pid, time), all in one transaction. So exactly
   one process applies each version; the others see the result.
-- Applying sets each counter whose configured value is new or changed to that
-  value, adds new counters, deletes counters no longer in the file, and leaves
-  every other counter's value alone: touching the file records a new version
-  without resetting live counters.
-- A file that is missing, unreadable, larger than CONFIG_MAX_BYTES, malformed,
-  or still being written (modified less than SETTLE_S ago, or changed while it
-  was read) is never applied: the last good config stays, requests go on, and
-  each bad version is logged once across all processes.
+- The database is a cache of the file: applying a version sets every
+  configured counter to its configured value, whatever it holds (a plain
+  `touch` too), adds new counters and deletes counters no longer in the file.
+  Increments acknowledged before that are overwritten: a loss by design.
+- A file that is missing, unreadable, larger than CONFIG_MAX_BYTES or
+  malformed is never applied: the last good config stays, requests go on,
+  and each bad version is logged once across all processes.
+- A file still being written (modified less than SETTLE_S ago, or changed
+  while it was read) is looked at again later. The settle time is not waited
+  out while no version was ever applied to the database (a new database): a
+  file that stays the same across the read and parses is applied at once.
 - Database failures are handled as lite_db does (logged, counted); the change
   is then looked at again on the next request.
 
@@ -97,23 +100,21 @@ def parse(data: bytes) -> dict[str, int]:
     return counters
 
 
-def _read_stable(path: str, settle_s: float) -> tuple[tuple[int, int, int], bytes] | None:
-    """The file's stat key and bytes, or None while it may still be changing.
+def _read_unchanged(path: str) -> tuple[tuple[int, int, int], float, bytes] | None:
+    """The file's stat key, age in seconds and bytes; None if it changed while read.
 
     Raises ConfigError when it cannot be read.
     """
     try:
         with open(path, "rb") as f:
             before = os.fstat(f.fileno())
-            if time.time() - before.st_mtime < settle_s:
-                return None
             data = f.read(CONFIG_MAX_BYTES + 1)
     except OSError as exc:
         raise ConfigError(f"cannot read: {exc.strerror}") from None
     key = (before.st_mtime_ns, before.st_size, before.st_ino)
     if _stat_key(path) != key or len(data) != min(before.st_size, CONFIG_MAX_BYTES + 1):
         return None
-    return key, data
+    return key, time.time() - before.st_mtime, data
 
 
 def _apply(
@@ -131,20 +132,14 @@ def _apply(
     """
     if _stat_key(path) != key:
         return "unsettled"
-    state = cur.execute("SELECT fingerprint, counters FROM config_state").fetchone()
+    state = cur.execute("SELECT fingerprint FROM config_state").fetchone()
     if state is not None and state["fingerprint"] == fingerprint:
         return "current"
-    before = json.loads(state["counters"]) if state is not None else {}
-    for position, (name, value) in enumerate(counters.items()):
-        # A live counter keeps its value unless the file changed that value.
-        updates = "position = excluded.position"
-        if before.get(name) != value:
-            updates += ", value = excluded.value"
-        cur.execute(
-            "INSERT INTO counters (name, value, position) VALUES (?, ?, ?) "
-            f"ON CONFLICT (name) DO UPDATE SET {updates}",
-            (name, value, position),
-        )
+    cur.executemany(
+        "INSERT INTO counters (name, value, position) VALUES (?, ?, ?) ON CONFLICT (name) "
+        "DO UPDATE SET value = excluded.value, position = excluded.position",
+        [(name, value, position) for position, (name, value) in enumerate(counters.items())],
+    )
     placeholders = ", ".join("?" for _ in counters)
     cur.execute(f"DELETE FROM counters WHERE name NOT IN ({placeholders})", list(counters))
     now, pid = time.time(), os.getpid()
@@ -196,12 +191,27 @@ def refresh(cur: sqlite3.Cursor, config_path: str, force: bool = False) -> str:
         return "unchanged"
     stats["config_checks"] += 1
     try:
-        stable = _read_stable(config_path, 0 if force else SETTLE_S)
-        if stable is None:
+        read = _read_unchanged(config_path)
+        if read is None:
             return "unsettled"
-        key, data = stable
+        key, age_s, data = read
         fingerprint = f"{key[0]}-{key[1]}-{hashlib.sha256(data).hexdigest()}"
-        counters = parse(data)
+        # A file modified less than SETTLE_S ago may still be being written:
+        # it waits, unless it parses and the database has no version yet (an
+        # app's first start should not answer "no counters" for a second).
+        young = not force and age_s < SETTLE_S
+        try:
+            counters = parse(data)
+        except ConfigError:
+            if young:
+                return "unsettled"
+            raise
+        if young:
+            applied = lite_db.select(cur, "SELECT 1 FROM config_state WHERE fingerprint != ''")
+            if applied is None:
+                return "failed"
+            if applied:
+                return "unsettled"
     except ConfigError as exc:
         fingerprint = f"bad-{key}"
         recorded = lite_db.transact(cur, lambda cur: _reject(cur, fingerprint))

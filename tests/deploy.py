@@ -93,6 +93,20 @@ class Deployment:
         """The counter's value, read from the database file directly."""
         return self.query("SELECT value FROM counters WHERE name = ?", (counter,))[0][0]
 
+    def audit(self):
+        """Fingerprints of the config versions applied, oldest first."""
+        return [row[0] for row in self.query("SELECT fingerprint FROM config_audit ORDER BY id")]
+
+    def write_config(self, text, age_s=5.0, mode=0o644):
+        """Replace config.ini by a rename, its mtime `age_s` back (past the settle time)."""
+        tmp = self.config + ".tmp"
+        with open(tmp, "w") as f:
+            f.write(text)
+        then = time.time() - age_s
+        os.utime(tmp, (then, then))
+        os.chmod(tmp, mode)
+        os.replace(tmp, self.config)
+
     def log_size(self):
         return os.path.getsize(self.error_log)
 

@@ -14,6 +14,11 @@ acked <= final delta <= acked + unknown, and every returned value distinct.
 With `idempotent=True`, each increment has its own Idempotency-Key and an
 unknown outcome is retried with the same key until it is definite, so the
 final delta must equal the number of keys that ended ok, exactly.
+
+A config version applied during the load sets the counter to its configured
+value: increments acknowledged before the last application do not count
+toward the final value. `check(..., resets=[c1, ...])` then checks the
+acknowledged values run by run (`check_runs`).
 """
 
 import http.client
@@ -21,6 +26,7 @@ import json
 import threading
 import time
 import uuid
+from collections import Counter
 from dataclasses import dataclass, field
 from urllib.parse import urlencode
 
@@ -37,8 +43,20 @@ class History:
     statuses: dict[int, int] = field(default_factory=dict)
     bodies_with_lock_errors: list[str] = field(default_factory=list)
 
-    def check(self, before: int, after: int, idempotent: bool = False) -> None:
-        """Assert what no fault may break; `before`/`after`: the counter's values."""
+    def check(
+        self, before: int, after: int, idempotent: bool = False, resets: list[int] | None = None
+    ) -> None:
+        """Assert what no fault may break; `before`/`after`: the counter's values.
+
+        `resets`: the configured value of each config version applied during
+        the load, in order. Then every outcome must be known, and the
+        acknowledged values must be exactly the runs of `check_runs`.
+        """
+        assert not self.bodies_with_lock_errors, self.bodies_with_lock_errors[:3]
+        if resets:
+            assert not self.unknown, f"{len(self.unknown)} unknown outcomes"
+            check_runs(self.ok, [before, *resets], after)
+            return
         delta = after - before
         acked = len(self.ok)
         assert len(set(self.ok)) == acked, "a value was returned twice"
@@ -46,10 +64,37 @@ class History:
         assert acked <= delta <= acked + len(self.unknown), (
             f"acked {acked}, unknown {len(self.unknown)}, delta {delta}"
         )
-        assert not self.bodies_with_lock_errors, self.bodies_with_lock_errors[:3]
         if idempotent:
             assert not self.unknown, f"{len(self.unknown)} outcomes stayed unknown"
             assert delta == len(self.keys_ok), f"delta {delta}, keys {len(self.keys_ok)}"
+
+
+def check_runs(values: list[int], starts: list[int], final: int) -> None:
+    """Assert that `values` are the runs a counter reset to each of `starts` makes.
+
+    `starts`: the counter's value when the load began, then the configured
+    value of each config version applied during it, in order; `values`: every
+    acknowledged value, all outcomes known. After each start the counter
+    counts start+1, start+2, ...; the last run ends at `final`. With one
+    version (starts [s, c]) the values are exactly {s+1 .. s+N} + {c+1 .. c+M},
+    M = final - c, N = acked - M. A version applied twice, with increments
+    in between, adds a run that no start accounts for.
+    """
+    remaining = Counter(values)
+    last = starts[-1]
+    for value in range(last + 1, final + 1):
+        assert remaining[value] > 0, f"{value}, of the run after the last reset, not acknowledged"
+        remaining[value] -= 1
+    remaining = +remaining  # drop the zeros
+    allowed = Counter(starts[:-1])
+    # A run from start s adds 1 to the count of each value s+1, s+2, ...: the
+    # count can rise at value v only where runs start at v - 1.
+    for value in sorted(remaining):
+        rise = remaining[value] - remaining.get(value - 1, 0)
+        assert rise <= allowed[value - 1], (
+            f"{rise} runs start after {value - 1}, where {allowed[value - 1]} resets began one"
+            f" (starts {starts}, final {final})"
+        )
 
 
 def _post(conn, counter, key):

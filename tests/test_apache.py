@@ -9,8 +9,10 @@ import json
 import os
 import pathlib
 import pwd
+import time
 
 import deploy
+import history
 import pytest
 
 ROOT = deploy.ROOT
@@ -110,6 +112,51 @@ def test_resetapp_keeps_data_and_refuses_to_wipe_an_open_database(deployment):
     assert "stop the service first" in refused.stderr
     _, _, body = deployment.request("/lite/get")
     assert json.loads(body)["value"] == before
+
+
+def _apply_and_wait(dep, change, timeout_s=15):
+    """Make one config change, ask until it is applied; fails if it is not within timeout_s."""
+    audit_before = len(dep.audit())
+    change()
+    deadline = time.monotonic() + timeout_s
+    while len(dep.audit()) == audit_before and time.monotonic() < deadline:
+        dep.request("/lite/get")
+        time.sleep(0.1)
+    assert len(dep.audit()) == audit_before + 1
+
+
+def _touch(path, age_s):
+    then = time.time() - age_s
+    os.utime(path, (then, then))
+
+
+@pytest.mark.parametrize("change", ["touch", "new value"])
+def test_a_config_version_applied_under_load_resets_the_counter_once(deployment, change):
+    """Every acknowledged value seen: a version applied twice would add a run."""
+    original = pathlib.Path(deployment.config).read_text()
+    # Start from the configured value, so that a touch gives overlapping runs.
+    _apply_and_wait(deployment, lambda: _touch(deployment.config, age_s=30))
+    start = deployment.value()
+    audit_before = len(deployment.audit())
+    wait = history.start(deployment.port, clients=20, requests_each=50, seconds=60)
+    try:
+        deadline = time.monotonic() + 30
+        while deployment.value() < start + 300 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        if change == "touch":
+            configured = start
+            _touch(deployment.config, age_s=20)
+        else:
+            configured = 10**9
+            deployment.write_config(f"[counters]\nhits = {configured}\nmisses = 0\n")
+        load = wait()
+        final = deployment.value()
+        assert len(deployment.audit()) == audit_before + 1, "not applied exactly once"
+        assert len(load.ok) == 1000 and not load.failed, load.statuses
+        assert configured < final < configured + 1000, "the reset did not show"
+        load.check(start, final, resets=[configured])
+    finally:
+        deployment.write_config(original)
 
 
 def test_test_siege_passes(deployment):

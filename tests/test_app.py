@@ -151,6 +151,13 @@ def test_a_config_change_reaches_the_next_request(app, config_path):
     assert app.get("/lite/get", status=200).json == {"counter": "views", "value": 7}
 
 
+def test_an_app_on_a_new_database_serves_a_config_written_just_now(tmp_path, db_path):
+    config = tmp_path / "new.ini"
+    config.write_text("[counters]\nviews = 7\n")  # mtime: now, within the settle time
+    app = webtest.TestApp(lite_app.make_app(db_path=db_path, config_path=str(config)))
+    assert app.get("/lite/get", status=200).json == {"counter": "views", "value": 7}
+
+
 def test_no_counters_is_a_404_with_a_reason(tmp_path, db_path):
     config = tmp_path / "missing.ini"
     app = webtest.TestApp(lite_app.make_app(db_path=db_path, config_path=str(config)))

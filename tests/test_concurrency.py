@@ -3,6 +3,7 @@
 import os
 import time
 
+import history
 import procs
 import pytest
 import webtest
@@ -62,38 +63,95 @@ def test_20_processes_read_modify_write_through_transact_lose_nothing(db_path, o
     _check_exact(other, [[(200, v) for v in one] for one in results])
 
 
+def _value(other):
+    return other.execute("SELECT value FROM counters WHERE name = 'hits'").fetchone()[0]
+
+
+def _audit(other):
+    return [row[0] for row in other.execute("SELECT fingerprint FROM config_audit ORDER BY id")]
+
+
+def _write_version(config_path, text, stamp_ns):
+    """Replace config.ini atomically, as README asks, dated `stamp_ns` (past the settle time)."""
+    tmp = config_path.with_suffix(".tmp")
+    tmp.write_text(text)
+    os.utime(tmp, ns=(stamp_ns, stamp_ns))
+    os.replace(tmp, config_path)
+
+
+def _acked_values(outcomes):
+    flat = [outcome for one_process in outcomes for outcome in one_process]
+    assert [status for status, _ in flat if status != 200] == []
+    return [value for _, value in flat]
+
+
+@pytest.mark.parametrize("change", ["touch", "new value"])
+def test_a_version_applied_under_load_resets_the_counter_once(
+    db_path, config_path, other, app, change
+):
+    app.get("/lite", status=200)  # config applied before the race: hits = 0
+    start, audit_before = _value(other), len(_audit(other))
+    gate = procs.event()
+    running = procs.start(
+        _increment_through_the_app, [(db_path, str(config_path), gate, INCREMENTS)] * PROCESSES
+    )
+    gate.set()
+    deadline = time.monotonic() + 120
+    while _value(other) < PROCESSES * INCREMENTS // 3 and time.monotonic() < deadline:
+        time.sleep(0.005)
+    stamp = time.time_ns() - 3600 * 10**9
+    if change == "touch":  # c = s: the two runs overlap
+        configured = start
+        os.utime(config_path, ns=(stamp, stamp))
+    else:  # c far above s: the two runs lie apart
+        configured = 10**9
+        _write_version(config_path, f"[counters]\nhits = {configured}\nmisses = 0\n", stamp)
+    values = _acked_values(procs.finish(*running, timeout_s=180))
+    final = _value(other)
+    assert len(_audit(other)) == audit_before + 1, "not applied exactly once during the load"
+    assert len(values) == PROCESSES * INCREMENTS
+    assert configured < final < configured + len(values), "the reset did not show"
+    history.check_runs(values, [start, configured], final)
+    assert other.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+
+
 def test_config_changed_under_load_is_applied_once_per_version(db_path, config_path, other, app):
     app.get("/lite", status=200)
+    audit_before = len(_audit(other))
     gate = procs.event()
-    args = [(db_path, str(config_path), gate, INCREMENTS)] * PROCESSES
-    running = procs.start(_increment_through_the_app, args)
+    running = procs.start(
+        _increment_through_the_app, [(db_path, str(config_path), gate, INCREMENTS)] * PROCESSES
+    )
     gate.set()
-    versions = 0
+    # Each new content sets hits far from every other, so each version's run
+    # of values is its own; a touch keeps the value and starts an overlapping run.
+    configured = {}  # mtime of each version written -> the value it sets hits to
+    versions, hits = 0, 0
     base = time.time_ns() - 3600 * 10**9
     while any(proc.is_alive() for proc in running[0]) and versions < 200:
         versions += 1
+        stamp = base + versions * 10**9
         if versions % 2:  # a plain touch
-            stamp = base + versions * 10**9
             os.utime(config_path, ns=(stamp, stamp))
-        else:  # a new value for the counter nobody increments
-            tmp = config_path.with_suffix(".tmp")
-            tmp.write_text(f"[counters]\nhits = 0\nmisses = {versions}\n")
-            stamp = base + versions * 10**9
-            os.utime(tmp, ns=(stamp, stamp))
-            os.replace(tmp, config_path)  # atomic, as README asks
+        else:
+            hits = versions * 10**6
+            _write_version(config_path, f"[counters]\nhits = {hits}\nmisses = {versions}\n", stamp)
+        configured[stamp] = hits
         time.sleep(0.05)
-    outcomes = procs.finish(*running, timeout_s=180)
+    values = _acked_values(procs.finish(*running, timeout_s=180))
     app.get("/lite", status=200)  # a last request sees the last version
-    _check_exact(other, outcomes)
 
-    audit = other.execute("SELECT fingerprint, pid FROM config_audit ORDER BY id").fetchall()
-    fingerprints = [fingerprint for fingerprint, _ in audit]
-    assert len(fingerprints) == len(set(fingerprints)), "a version was applied twice"
+    audit = _audit(other)[audit_before:]
+    assert len(audit) == len(set(audit)), "a version was applied twice"
     assert len(audit) >= 3, "the test did not exercise config changes under load"
-    assert len({pid for _, pid in audit}) >= 2, "only one process ever applied a change"
+    pids = {row[0] for row in other.execute("SELECT pid FROM config_audit")}
+    assert len(pids) >= 2, "only one process ever applied a change"
     stored = other.execute("SELECT fingerprint FROM config_state").fetchone()[0]
-    assert stored == fingerprints[-1]
+    assert stored == audit[-1]
     assert stored.startswith(f"{os.stat(config_path).st_mtime_ns}-")
+    # k versions applied: k + 1 runs of values, each from its version's value.
+    resets = [configured[int(fingerprint.split("-")[0])] for fingerprint in audit]
+    history.check_runs(values, [0, *resets], _value(other))
     misses = other.execute("SELECT value FROM counters WHERE name = 'misses'").fetchone()[0]
-    expected = versions if versions % 2 == 0 else versions - 1
-    assert misses == expected
+    assert misses == (versions if versions % 2 == 0 else versions - 1)
+    assert other.execute("PRAGMA integrity_check").fetchone()[0] == "ok"

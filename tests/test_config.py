@@ -41,13 +41,18 @@ def test_a_version_applied_by_another_process_is_not_applied_again(cur, other, c
     assert audit_count(other) == 1
 
 
-def test_a_touch_is_a_new_version_that_keeps_live_values(cur, other, config_path):
+def test_a_touch_is_a_new_version_that_resets_every_counter(cur, other, config_path):
     lite_config.refresh(cur, str(config_path))
-    other.execute("UPDATE counters SET value = 42 WHERE name = 'hits'")
+    other.execute("UPDATE counters SET value = 42")
     settle(config_path, age_s=30)  # only the mtime changes
     assert lite_config.refresh(cur, str(config_path)) == "applied"
     assert audit_count(other) == 2
-    assert counters(other) == {"hits": 42, "misses": 0}
+    assert counters(other) == {"hits": 0, "misses": 0}
+    # Once per version: the same version seen again resets nothing.
+    other.execute("UPDATE counters SET value = 7")
+    lite_config._seen.clear()  # as another process sees it
+    assert lite_config.refresh(cur, str(config_path)) == "current"
+    assert counters(other) == {"hits": 7, "misses": 7}
 
 
 def test_an_older_mtime_is_a_change_too(cur, other, config_path):
@@ -56,17 +61,17 @@ def test_an_older_mtime_is_a_change_too(cur, other, config_path):
     assert lite_config.refresh(cur, str(config_path)) == "applied"
 
 
-def test_changed_values_are_set_new_counters_added_removed_ones_deleted(cur, other, config_path):
+def test_every_counter_is_set_new_ones_added_removed_ones_deleted(cur, other, config_path):
     lite_config.refresh(cur, str(config_path))
     other.execute("UPDATE counters SET value = 42")
-    write_config(config_path, "[counters]\nviews = 5\nmisses = 7\n")
-    assert lite_config.refresh(cur, str(config_path)) == "applied"
-    assert counters(other) == {"views": 5, "misses": 7}
-    # Putting back a value the live counter has moved away from sets it again.
-    other.execute("UPDATE counters SET value = 99 WHERE name = 'misses'")
     write_config(config_path, "[counters]\nviews = 5\nmisses = 0\n")
-    lite_config.refresh(cur, str(config_path))
+    assert lite_config.refresh(cur, str(config_path)) == "applied"
+    # misses is configured 0 as before: it is set to 0 all the same.
     assert counters(other) == {"views": 5, "misses": 0}
+    assert [row[0] for row in other.execute("SELECT name FROM counters ORDER BY position")] == [
+        "views",
+        "misses",
+    ]
 
 
 def test_a_recent_file_waits_until_it_has_settled(cur, other, config_path):
@@ -75,6 +80,21 @@ def test_a_recent_file_waits_until_it_has_settled(cur, other, config_path):
     assert lite_config.refresh(cur, str(config_path)) == "unsettled"
     assert counters(other) == {"hits": 0, "misses": 0}
     time.sleep(lite_config.SETTLE_S + 0.1)
+    assert lite_config.refresh(cur, str(config_path)) == "applied"
+    assert counters(other) == {"hits": 3}
+
+
+def test_a_new_database_applies_a_recent_file_at_once(cur, other, config_path):
+    config_path.write_text("[counters]\nhits = 3\n")  # mtime: now
+    assert lite_config.refresh(cur, str(config_path)) == "applied"
+    assert counters(other) == {"hits": 3}
+
+
+def test_a_new_database_waits_for_a_recent_file_that_does_not_parse(cur, other, config_path):
+    config_path.write_text("[counters]\nhits = ")  # mtime: now, half written
+    assert lite_config.refresh(cur, str(config_path)) == "unsettled"
+    assert other.execute("SELECT count(*) FROM config_state").fetchone()[0] == 0
+    config_path.write_text("[counters]\nhits = 3\n")
     assert lite_config.refresh(cur, str(config_path)) == "applied"
     assert counters(other) == {"hits": 3}
 

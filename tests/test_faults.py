@@ -91,21 +91,6 @@ def test_graceful_restarts_under_write_load(deployment):
     print(load.statuses, len(load.unknown))
 
 
-def _write_atomically(path, text, age_s=5.0, mode=0o644):
-    """Replace the file by a rename, its mtime `age_s` back (past the settle time)."""
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.write(text)
-    then = time.time() - age_s
-    os.utime(tmp, (then, then))
-    os.chmod(tmp, mode)
-    os.replace(tmp, path)
-
-
-def _audit(dep):
-    return [row[0] for row in dep.query("SELECT fingerprint FROM config_audit")]
-
-
 def _reads_while(dep, running):
     """GET /lite/get until running() is false; the statuses seen."""
     seen = {}
@@ -116,28 +101,31 @@ def _reads_while(dep, running):
 
 
 def test_config_rewritten_many_times_under_load(deployment):
-    audit_before = len(_audit(deployment))
+    audit_before = len(deployment.audit())
     before = deployment.value()
     wait = history.start(deployment.port, clients=10, seconds=14)
     versions = 20
     for i in range(versions):
-        _write_atomically(deployment.config, f"[counters]\nhits = 0\nmisses = 0\nc{i} = {i}\n")
+        # Each version resets hits far from every other, so each has its own run.
+        text = f"[counters]\nhits = {(i + 1) * 10**6}\nmisses = 0\nc{i} = {i}\n"
+        deployment.write_config(text)
         time.sleep(0.5)  # many requests see each version
     load = wait()
-    load.check(before, deployment.value())
     assert not load.failed and not load.unknown
-    audit = _audit(deployment)[audit_before:]
+    audit = deployment.audit()[audit_before:]
     assert len(audit) == len(set(audit)) == versions, f"{len(audit)} applications"
+    # 20 versions applied once each: 21 runs of acknowledged values.
+    load.check(before, deployment.value(), resets=[(i + 1) * 10**6 for i in range(versions)])
     status, _, body = deployment.request("/lite/get?counter=c19")
     assert (status, json.loads(body)["value"]) == (200, 19)
 
 
 def test_bad_config_versions_keep_the_last_good_one(deployment):
     good = "[counters]\nhits = 0\nmisses = 0\ngood = 7\n"
-    _write_atomically(deployment.config, good)
+    deployment.write_config(good)
     time.sleep(0.5)
     assert deployment.request("/lite/get?counter=good")[0] == 200
-    audit_before = len(_audit(deployment))
+    audit_before = len(deployment.audit())
     log_from = deployment.log_size()
     stop = threading.Event()
     statuses = {}
@@ -152,14 +140,14 @@ def test_bad_config_versions_keep_the_last_good_one(deployment):
             f.write("[counters]\nhits = 0\nmisses = 0\ngood = ")
         bad.append("torn")
         time.sleep(2)
-        _write_atomically(deployment.config, "this is not an ini file\n")
+        deployment.write_config("this is not an ini file\n")
         bad.append("malformed")
         time.sleep(1)
-        _write_atomically(deployment.config, "[counters]\n" + "x = 1\n" * 20_000)
+        deployment.write_config("[counters]\n" + "x = 1\n" * 20_000)
         bad.append("huge")
         time.sleep(1)
         # root's, mode 0600: the daemons cannot read it
-        _write_atomically(deployment.config, good + "secret = 1\n", mode=0o600)
+        deployment.write_config(good + "secret = 1\n", mode=0o600)
         bad.append("unreadable")
         time.sleep(1)
         os.remove(deployment.config)
@@ -169,10 +157,10 @@ def test_bad_config_versions_keep_the_last_good_one(deployment):
     finally:
         stop.set()
         reader.join(30)
-        _write_atomically(deployment.config, good)
+        deployment.write_config(good)
     assert (status, json.loads(body)["value"]) == (200, 7)
     assert set(statuses) == {200}, statuses
-    assert len(_audit(deployment)) == audit_before  # nothing applied
+    assert len(deployment.audit()) == audit_before  # nothing applied
     log = deployment.log_since(log_from)
     rejections = [line for line in log.splitlines() if "not applied" in line]
     assert len(rejections) == len(bad), "\n".join(rejections)

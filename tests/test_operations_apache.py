@@ -3,6 +3,7 @@ backup under write load and restore, and the /lite page in a real browser."""
 
 import json
 import os
+import pathlib
 import sqlite3
 import subprocess
 import tempfile
@@ -69,6 +70,7 @@ def test_backup_under_write_load_then_restore(deployment):
     copy = sqlite3.connect(backup)
     assert copy.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
     copied = copy.execute("SELECT value FROM counters WHERE name = 'hits'").fetchone()[0]
+    audit_in_backup = copy.execute("SELECT count(*) FROM config_audit").fetchone()[0]
     copy.close()
     assert before < during <= copied <= after
     assert os.stat(backup).st_uid == 0
@@ -81,10 +83,25 @@ def test_backup_under_write_load_then_restore(deployment):
     assert restored.returncode == 0, restored.stdout + restored.stderr
     started = deployment.script("serve.sh", "start")
     assert started.returncode == 0, started.stdout + started.stderr
+    # config.ini is the one the backup was taken with: the restored values stay.
     status, _, body = deployment.request("/lite/get?counter=hits")
     assert (status, json.loads(body)["value"]) == (200, copied)
     status, _, _ = deployment.request("/lite/inc", data=b"counter=hits")
     assert status == 200
+
+    # config.ini changed since the backup: a new version, applied at the start.
+    assert deployment.script("serve.sh", "stop").returncode == 0
+    assert deployment.script("serve.sh", "restore", backup).returncode == 0
+    original = pathlib.Path(deployment.config).read_text()
+    deployment.write_config("[counters]\nhits = 77\nmisses = 0\n")
+    try:
+        started = deployment.script("serve.sh", "start")
+        assert started.returncode == 0, started.stdout + started.stderr
+        status, _, body = deployment.request("/lite/get?counter=hits")
+        assert (status, json.loads(body)["value"]) == (200, 77)
+        assert len(deployment.audit()) == audit_in_backup + 1
+    finally:
+        deployment.write_config(original)
 
 
 def _chromium():

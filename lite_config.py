@@ -1,8 +1,9 @@
 """Apply config.ini to the database exactly once per change of the file.
 
 Contract:
-- `refresh(cur, config_path)` is called on every request. When the file looks
-  as it did last time (same mtime, size and inode), it costs one `os.stat`.
+- A `ConfigWatcher(config_path)` keeps what its process last saw of the file;
+  its `refresh(cur)` is called on every request. When the file looks as it
+  did last time (same mtime, size and inode), it costs one `os.stat`.
 - A change is any difference of mtime (compared with `!=`), size or content
   hash, so a plain `touch` counts. On a change, the process takes the write
   lock, compares the file's fingerprint with the one stored in the database
@@ -20,8 +21,11 @@ Contract:
   while it was read) is looked at again later. The settle time is not waited
   out while no version was ever applied to the database (a new database): a
   file that stays the same across the read and parses is applied at once.
-- Database failures are handled as lite_db does (logged, counted); the change
-  is then looked at again on the next request.
+- The state lives in the database's own tables, `lite_config_state` (the
+  applied version) and `lite_config_audit` (one row per application),
+  created on first use beside the demo's `counters`.
+- A database that cannot be reached raises lite_db.Unavailable (logged and
+  counted there); the change is looked at again on the next request.
 
 config.ini has one section, [counters], with one `name = initial value` line
 per counter; the first is the default counter of the web routes.
@@ -34,7 +38,6 @@ import logging
 import os
 import re
 import sqlite3
-import sys
 import time
 from typing import Any
 
@@ -46,13 +49,20 @@ MAX_COUNTERS = 100
 COUNTER_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}\Z")
 _INTEGER = re.compile(r"-?[0-9]{1,19}\Z")
 
+TABLES = (
+    "CREATE TABLE IF NOT EXISTS lite_config_state ("
+    " id INTEGER PRIMARY KEY CHECK (id = 1), fingerprint TEXT NOT NULL,"
+    " counters TEXT NOT NULL, applied_at REAL NOT NULL, applied_by INTEGER NOT NULL,"
+    " rejected_fingerprint TEXT) STRICT",
+    "CREATE TABLE IF NOT EXISTS lite_config_audit ("
+    " id INTEGER PRIMARY KEY, fingerprint TEXT NOT NULL, pid INTEGER NOT NULL,"
+    " applied_at REAL NOT NULL) STRICT",
+)
+TABLES_VERSION = 1
+
 log = logging.getLogger(__name__)
 
-stats = {"config_checks": 0, "config_applied": 0, "config_rejected": 0}
-
-# What this process last saw of each config file: (mtime_ns, size, inode),
-# or None for a file that could not be stat'ed.
-_seen: dict[str, tuple[int, int, int] | None] = {}
+_NOT_SEEN = object()  # a watcher's first look
 
 
 class ConfigError(Exception):
@@ -124,7 +134,7 @@ def _apply(
     fingerprint: str,
     counters: dict[str, int],
 ) -> str:
-    """Work for lite_db.transact: apply `counters` unless `fingerprint` is stored.
+    """Work for lite_db.write: apply `counters` unless `fingerprint` is stored.
 
     Returns "applied"; "current" when another process applied it first;
     "unsettled" when the file changed since it was read: applying it now could
@@ -132,7 +142,7 @@ def _apply(
     """
     if _stat_key(path) != key:
         return "unsettled"
-    state = cur.execute("SELECT fingerprint FROM config_state").fetchone()
+    state = cur.execute("SELECT fingerprint FROM lite_config_state").fetchone()
     if state is not None and state["fingerprint"] == fingerprint:
         return "current"
     cur.executemany(
@@ -144,123 +154,138 @@ def _apply(
     cur.execute(f"DELETE FROM counters WHERE name NOT IN ({placeholders})", list(counters))
     now, pid = time.time(), os.getpid()
     cur.execute(
-        "INSERT INTO config_state (id, fingerprint, counters, applied_at, applied_by) "
+        "INSERT INTO lite_config_state (id, fingerprint, counters, applied_at, applied_by) "
         "VALUES (1, ?, ?, ?, ?) ON CONFLICT (id) DO UPDATE SET "
         "fingerprint = excluded.fingerprint, counters = excluded.counters, "
         "applied_at = excluded.applied_at, applied_by = excluded.applied_by",
         (fingerprint, json.dumps(counters), now, pid),
     )
     cur.execute(
-        "INSERT INTO config_audit (fingerprint, pid, applied_at) VALUES (?, ?, ?)",
+        "INSERT INTO lite_config_audit (fingerprint, pid, applied_at) VALUES (?, ?, ?)",
         (fingerprint, pid, now),
     )
     return "applied"
 
 
 def _reject(cur: sqlite3.Cursor, fingerprint: str) -> str:
-    """Work for lite_db.transact: record a bad version.
+    """Work for lite_db.write: record a bad version.
 
     Returns "new", or "known" when another process recorded it first.
     """
-    row = cur.execute("SELECT rejected_fingerprint FROM config_state").fetchone()
+    row = cur.execute("SELECT rejected_fingerprint FROM lite_config_state").fetchone()
     if row is not None and row[0] == fingerprint:
         return "known"
     if row is None:
         # Nothing applied yet: keep the bad version on record all the same.
         cur.execute(
-            "INSERT INTO config_state "
+            "INSERT INTO lite_config_state "
             "(id, fingerprint, counters, applied_at, applied_by, rejected_fingerprint) "
             "VALUES (1, '', '{}', 0, 0, ?)",
             (fingerprint,),
         )
     else:
-        cur.execute("UPDATE config_state SET rejected_fingerprint = ?", (fingerprint,))
+        cur.execute("UPDATE lite_config_state SET rejected_fingerprint = ?", (fingerprint,))
     return "new"
 
 
-def refresh(cur: sqlite3.Cursor, config_path: str, force: bool = False) -> str:
-    """Apply `config_path` if it changed since this process last looked.
+def _ensure_tables(cur: sqlite3.Cursor) -> None:
+    lite_db.ensure_counters(cur)
+    lite_db.ensure_tables(cur, "config", TABLES_VERSION, TABLES)
 
-    `force` skips the settle time (for the command line, not for requests).
-    Returns what happened: "unchanged", "applied" (by this process), "current"
-    (another process had applied it), "rejected", "unsettled" (looked at again
-    on the next call) or "failed" (database failure, looked at again too).
+
+class ConfigWatcher:
+    """Applies one config file to the database once per version; one per process and file.
+
+    Keeps what this process last saw of the file, and how many changes it
+    checked, applied and rejected (`figures()`).
     """
-    key = _stat_key(config_path)
-    if not force and config_path in _seen and _seen[config_path] == key:
-        return "unchanged"
-    stats["config_checks"] += 1
-    try:
-        read = _read_unchanged(config_path)
-        if read is None:
-            return "unsettled"
-        key, age_s, data = read
-        fingerprint = f"{key[0]}-{key[1]}-{hashlib.sha256(data).hexdigest()}"
-        # A file modified less than SETTLE_S ago may still be being written:
-        # it waits, unless it parses and the database has no version yet (an
-        # app's first start should not answer "no counters" for a second).
-        young = not force and age_s < SETTLE_S
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.seen: Any = _NOT_SEEN  # (mtime_ns, size, inode), or None: could not stat
+        self.checks = 0
+        self.applied = 0
+        self.rejected = 0
+
+    def figures(self) -> dict[str, int]:
+        return {
+            "config_checks": self.checks,
+            "config_applied": self.applied,
+            "config_rejected": self.rejected,
+        }
+
+    def refresh(self, cur: sqlite3.Cursor, force: bool = False) -> str:
+        """Apply the file if it changed since this process last looked.
+
+        `force` skips the settle time (for the command line, not for
+        requests). Returns what happened: "unchanged", "applied" (by this
+        process), "current" (another process had applied it), "rejected" or
+        "unsettled" (looked at again on the next call). Raises
+        lite_db.Unavailable; the file is looked at again on the next call.
+        """
+        key = _stat_key(self.path)
+        if not force and self.seen == key:
+            return "unchanged"
+        self.checks += 1
+        _ensure_tables(cur)
         try:
-            counters = parse(data)
-        except ConfigError:
-            if young:
+            read = _read_unchanged(self.path)
+            if read is None:
                 return "unsettled"
-            raise
-        if young:
-            applied = lite_db.select(cur, "SELECT 1 FROM config_state WHERE fingerprint != ''")
-            if applied is None:
-                return "failed"
-            if applied:
+            key, age_s, data = read
+            fingerprint = f"{key[0]}-{key[1]}-{hashlib.sha256(data).hexdigest()}"
+            # A file modified less than SETTLE_S ago may still be being
+            # written: it waits, unless it parses and the database has no
+            # version yet (an app's first start should not answer "no
+            # counters" for a second).
+            young = not force and age_s < SETTLE_S
+            try:
+                counters = parse(data)
+            except ConfigError:
+                if young:
+                    return "unsettled"
+                raise
+            if young and lite_db.query(
+                cur, "SELECT 1 FROM lite_config_state WHERE fingerprint != ''"
+            ):
                 return "unsettled"
-    except ConfigError as exc:
-        fingerprint = f"bad-{key}"
-        recorded = lite_db.transact(cur, lambda cur: _reject(cur, fingerprint))
-        if recorded is False:
-            return "failed"
-        if recorded == "new":
-            stats["config_rejected"] += 1
-            log.error("config %s not applied, keeping the last good one: %s", config_path, exc)
-        _seen[config_path] = key
-        return "rejected"
-    outcome = lite_db.transact(
-        cur, lambda cur: _apply(cur, config_path, key, fingerprint, counters)
-    )
-    if outcome is False or outcome == "unsettled":
-        return "failed" if outcome is False else outcome
-    _seen[config_path] = key
-    if outcome == "applied":
-        stats["config_applied"] += 1
-        log.info("config %s applied: %s", config_path, fingerprint)
-    return outcome
+        except ConfigError as exc:
+            fingerprint = f"bad-{key}"
+            if lite_db.write(cur, lambda cur: _reject(cur, fingerprint)) == "new":
+                self.rejected += 1
+                log.error("config %s not applied, keeping the last good one: %s", self.path, exc)
+            self.seen = key
+            return "rejected"
+        outcome = lite_db.write(cur, lambda cur: _apply(cur, self.path, key, fingerprint, counters))
+        if outcome == "unsettled":
+            return outcome
+        self.seen = key
+        if outcome == "applied":
+            self.applied += 1
+            log.info("config %s applied: %s", self.path, fingerprint)
+        return outcome
 
 
 def applied_version(cur: sqlite3.Cursor) -> dict[str, Any] | None:
-    """The applied config's fingerprint, time and pid; None if none or on failure."""
-    rows = lite_db.select(
-        cur, "SELECT fingerprint, applied_at, applied_by FROM config_state WHERE fingerprint != ''"
+    """The applied config's fingerprint, time and pid; None if none.
+
+    Raises lite_db.Unavailable.
+    """
+    _ensure_tables(cur)
+    rows = lite_db.query(
+        cur,
+        "SELECT fingerprint, applied_at, applied_by FROM lite_config_state WHERE fingerprint != ''",
     )
-    if not rows:
-        return None
-    return dict(rows[0])
+    return dict(rows[0]) if rows else None
 
 
-def main(argv: list[str]) -> int:
-    """`python -m lite_config DB CONFIG`: apply CONFIG to DB now."""
-    if len(argv) != 2:
-        print("usage: python -m lite_config DB_PATH CONFIG_PATH", file=sys.stderr)
-        return 2
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
-    db_path, config_path = argv
+def apply_now(db_path: str, config_path: str) -> str:
+    """Apply `config_path` to `db_path` now, settled or not; what happened.
+
+    For the command line (`lite_ops apply-config`). Raises lite_db.Unavailable.
+    """
     cur = lite_db.cursor(db_path)
-    if cur is None:
-        return 1
     try:
-        outcome = refresh(cur, config_path, force=True)
+        return ConfigWatcher(config_path).refresh(cur, force=True)
     finally:
         cur.close()
-    print(f"config {config_path}: {outcome}")
-    return 0 if outcome in ("applied", "current") else 1
-
-
-if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))

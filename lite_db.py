@@ -1,126 +1,244 @@
-"""SQLite done right for prefork WSGI servers (stdlib only).
+"""SQLite done right for prefork and threaded WSGI servers (standard library only).
 
 Contract:
-- One connection per process and database path, opened lazily by `connect()`
-  and opened anew when `os.getpid()` changes: a connection is never used on
-  both sides of a fork. Nothing is opened at import.
+- `connect(path)` returns the calling thread's connection to `path` in this
+  process, opened on first use. A connection is never used on both sides of
+  a fork: after fork, the parent's connections are kept referenced, never
+  used or closed, and the child opens its own. The connections of threads
+  that have ended are closed by their process when it next opens one.
+  Nothing is opened at import.
+- Opening a database creates no table. Each feature creates its tables when
+  first used (`ensure_tables`), named `lite_*` beside the demo's `counters`,
+  and records its schema version in `lite_schema`. lite never writes
+  `PRAGMA user_version`: that number is the user's.
 - Every new connection gets WAL, `synchronous` (NORMAL, or FULL through
   `LITE_SYNCHRONOUS=FULL`), a busy timeout, foreign keys and a journal size
   limit; `isolation_level=None`, so every transaction here is explicit.
-- Writes run in `BEGIN IMMEDIATE` transactions: the write lock is taken up
-  front, so a transaction never reads a snapshot it then cannot write from
+- Writes run in `BEGIN IMMEDIATE` transactions, or as one statement that is
+  its own transaction: the write lock is taken before anything is read, so
+  a transaction never reads a snapshot it then cannot write from
   (SQLITE_BUSY_SNAPSHOT, which no busy timeout waits out).
 - Only SQLITE_BUSY and SQLITE_LOCKED are retried, in slices of at most
   `BUSY_POLL_MS` with jittered short sleeps between them, until
   `LOCK_BUDGET_MS` has passed since the call began.
-- Errors: `sqlite3.Error` is caught, logged once with its reason and counted in
-  `stats`; writes then return `False`, reads `None`. Programming errors (an
-  unknown table or column, a wrong argument type) raise `ValueError` before
-  any SQL runs.
-- Read-modify-write: do it in `transact` with a callable (see `update_counter`),
-  or as one statement (`increment`). Never with `upsert`: an upsert computes its
+- Errors: a database that cannot be reached in time (busy past the budget,
+  read-only, full, cannot be opened, I/O error, not a database) is logged
+  once, counted, and raised as `Unavailable`. Any other `sqlite3.Error` (a
+  constraint, bad SQL) is logged, counted and raised as it is. Programming
+  errors (an unknown table or column, a wrong argument type) raise
+  `ValueError` before any SQL runs. The original's helpers are the thin
+  outer layer: `transact`, `transact_one`, `transact_many` and `upsert`
+  return False on failure, `get` returns None.
+- Read-modify-write: in `transact` with a callable (see `update_counter`), or
+  as one statement (`increment`). Never with `upsert`: an upsert computes its
   new row from values the caller read earlier, outside the write lock, so two
   processes that read the same value both write value + 1 and one update is
   lost without any error.
+- Figures: each connection counts its work in `Figures`; `figures()` sums
+  them for this process; each function in `listeners` is called with
+  (event, amount) as it happens, so that metrics stay outside the core.
 """
 
-import contextlib
-import json
 import logging
+import math
 import os
 import pwd
 import random
 import re
 import sqlite3
-import sys
+import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import asdict, dataclass
 from typing import Any
 
 LOCK_BUDGET_MS = 3000  # 3 s: total wait for the database lock per call
 BUSY_POLL_MS = 5  # 5 ms: the busy timeout, the longest SQLite itself waits per attempt
 RETRY_SLEEP_MAX_S = 0.002  # 2 ms: upper bound of one jittered retry sleep
 JOURNAL_SIZE_LIMIT_BYTES = 4 * 1024 * 1024  # 4 MiB: -wal size kept after a checkpoint
-CHECKPOINT_INTERVAL_S = 1.0  # 1 s: least time between two checkpoints of one process
+CHECKPOINT_INTERVAL_S = 1.0  # 1 s: least time between two checkpoints of one connection
 CHECKPOINT_WAIT_MS = 100  # 100 ms: longest wait of a RESTART checkpoint for readers
 WAL_FRAME_HEADER_BYTES = 24  # each page in the WAL is preceded by a 24-byte header
-STATS_INTERVAL_S = 1.0  # 1 s: least time between two publications of a process's figures
 IDEMPOTENCY_TTL_S = 24 * 3600  # 24 h: how long an Idempotency-Key is remembered
-PRUNE_INTERVAL_S = 10.0  # 10 s: least time between two prunings of expired keys by one process
+PRUNE_INTERVAL_S = 10.0  # 10 s: least time between two prunings of expired keys by a connection
 PRUNE_BATCH = 500  # expired keys removed by one pruning, at most
 SYNCHRONOUS_MODES = ("NORMAL", "FULL")
 MAX_INTEGER = 2**63 - 1  # largest value SQLite stores as an INTEGER
+SQLITE_NEEDED = (3, 37, 0)  # RETURNING came in 3.35, STRICT tables in 3.37
+SQLITE_CONSTRAINT_DATATYPE = 3091  # a STRICT column refused a value (e.g. an overflow to REAL)
+# Primary result codes that mean "the database cannot be reached now".
+UNREACHABLE_CODES = {
+    sqlite3.SQLITE_PERM,
+    sqlite3.SQLITE_BUSY,
+    sqlite3.SQLITE_LOCKED,
+    sqlite3.SQLITE_READONLY,
+    sqlite3.SQLITE_IOERR,
+    sqlite3.SQLITE_CORRUPT,
+    sqlite3.SQLITE_FULL,
+    sqlite3.SQLITE_CANTOPEN,
+    sqlite3.SQLITE_PROTOCOL,
+    sqlite3.SQLITE_NOTADB,
+}
 
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS counters (
-    name TEXT PRIMARY KEY,
-    value INTEGER NOT NULL,
-    position INTEGER NOT NULL
-) STRICT;
-CREATE TABLE IF NOT EXISTS config_state (
-    id INTEGER PRIMARY KEY CHECK (id = 1),
-    fingerprint TEXT NOT NULL,
-    counters TEXT NOT NULL,
-    applied_at REAL NOT NULL,
-    applied_by INTEGER NOT NULL,
-    rejected_fingerprint TEXT
-) STRICT;
-CREATE TABLE IF NOT EXISTS config_audit (
-    id INTEGER PRIMARY KEY,
-    fingerprint TEXT NOT NULL,
-    pid INTEGER NOT NULL,
-    applied_at REAL NOT NULL
-) STRICT;
-CREATE TABLE IF NOT EXISTS idempotency_keys (
-    key TEXT PRIMARY KEY,
-    counter TEXT NOT NULL,
-    by INTEGER NOT NULL,
-    value INTEGER NOT NULL,
-    created_at REAL NOT NULL
-) STRICT;
-CREATE INDEX IF NOT EXISTS idempotency_keys_created_at ON idempotency_keys (created_at);
-CREATE TABLE IF NOT EXISTS health (
-    id INTEGER PRIMARY KEY CHECK (id = 1),
-    checked_at REAL NOT NULL,
-    pid INTEGER NOT NULL
-) STRICT;
-"""
-SCHEMA_VERSION = 3  # PRAGMA user_version of a database that has all of SCHEMA
+# Each feature's schema version, in the database it uses.
+_SCHEMA_TABLE = (
+    "CREATE TABLE IF NOT EXISTS lite_schema ("
+    " feature TEXT PRIMARY KEY, version INTEGER NOT NULL) STRICT",
+)
+# The demo's counters, and the Idempotency-Key feature: their tables.
+COUNTERS_TABLES = (
+    "CREATE TABLE IF NOT EXISTS counters ("
+    " name TEXT PRIMARY KEY, value INTEGER NOT NULL, position INTEGER NOT NULL) STRICT",
+)
+IDEMPOTENCY_TABLES = (
+    "CREATE TABLE IF NOT EXISTS lite_idempotency_keys ("
+    " key TEXT PRIMARY KEY, counter TEXT NOT NULL, by INTEGER NOT NULL,"
+    " value INTEGER NOT NULL, created_at REAL NOT NULL) STRICT",
+    "CREATE INDEX IF NOT EXISTS lite_idempotency_keys_created_at"
+    " ON lite_idempotency_keys (created_at)",
+)
+# A database made by lite 0.1 has these tables and PRAGMA user_version 3.
+_LITE_0_1_USER_VERSION = 3
+_LITE_0_1_RENAMES = {
+    "config_state": "lite_config_state",
+    "config_audit": "lite_config_audit",
+    "idempotency_keys": "lite_idempotency_keys",
+    "health": "lite_health",
+}
+_LITE_0_1_FEATURES = ("counters", "config", "idempotency", "health")  # each at version 1
+_LITE_0_1_CONFIG_STATE_COLUMNS = (
+    "id",
+    "fingerprint",
+    "counters",
+    "applied_at",
+    "applied_by",
+    "rejected_fingerprint",
+)
 
 log = logging.getLogger(__name__)
 
-# Per-process figures; a forked child starts from its parent's numbers.
-# db_time_s: seconds spent in database calls, waits for the lock included.
-# write_lock_wait_s: seconds spent taking the write lock (BEGIN IMMEDIATE, or
-# the whole of a one-statement write, which takes the lock as it starts).
-stats: dict[str, Any] = {
-    "reads": 0,
-    "read_failures": 0,
-    "writes": 0,
-    "write_failures": 0,
-    "busy_retries": 0,
-    "db_time_s": 0.0,
-    "write_lock_wait_s": 0.0,
-    "checkpoints": 0,
-    "wal_restarts": 0,
-    "last_checkpoint_at": None,
-}
-
-_connections: dict[str, tuple[int, sqlite3.Connection]] = {}
-# Connections inherited across fork: kept referenced, never used or closed,
-# because closing one in the child would run SQLite's close-time checkpoint
-# and unlock logic against locks that belong to the parent.
-_inherited: list[sqlite3.Connection] = []
-_columns_cache: dict[tuple[int, str], tuple[str, ...]] = {}
-_last_checkpoint: dict[int, float] = {}  # id(connection) -> time.monotonic()
-_last_prune: dict[int, float] = {}  # id(connection) -> time.monotonic()
-# Connections found unable to write (SQLITE_READONLY: opened when the file
-# was not writable). connect() replaces them, so that a fixed permission is seen.
-_reopen: set[int] = set()
-_read_only: set[int] = set()  # connections opened while the file was not writable
-_publish_failed: list[Exception] = []  # the first failure to publish figures, if any
-_FAILED = object()  # what _read returns on failure, so that None can mean "no row"
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
+_OVERFLOW = object()  # what an increment's statement gives when the sum would pass MAX_INTEGER
+
+# Called with (event, amount) on each event; see Figures for the events.
+listeners: list[Callable[[str, float], None]] = []
+
+
+class Unavailable(Exception):
+    """The database could not be reached in time; nothing was written.
+
+    Already logged and counted when raised. `reason` is a short text for
+    people (e.g. a health check), never shown to clients as is.
+    """
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class NoSuchCounter(LookupError):
+    """No counter of that name (or none at all, when the default was asked for)."""
+
+
+class WouldOverflow(ArithmeticError):
+    """The increment would take the counter past MAX_INTEGER; nothing was written."""
+
+
+class KeyReused(ValueError):
+    """An Idempotency-Key already used for another counter or step."""
+
+    def __init__(self, counter: str, by: int) -> None:
+        super().__init__(f"Idempotency-Key already used to add {by} to {counter}")
+        self.counter = counter
+        self.by = by
+
+
+@dataclass
+class Figures:
+    """What one connection (or, summed, one process) has done.
+
+    db_time_s: seconds in database calls, waits for the lock included;
+    write_lock_wait_s: seconds taking the write lock (BEGIN IMMEDIATE, or the
+    whole of a one-statement write, which takes the lock as it starts).
+    """
+
+    reads: int = 0
+    read_failures: int = 0
+    writes: int = 0
+    write_failures: int = 0
+    busy_retries: int = 0
+    db_time_s: float = 0.0
+    write_lock_wait_s: float = 0.0
+    checkpoints: int = 0
+    wal_restarts: int = 0
+    last_checkpoint_at: float | None = None
+
+    def add(self, other: "Figures") -> None:
+        for name, value in asdict(other).items():
+            if name == "last_checkpoint_at":
+                if value is not None:
+                    self.last_checkpoint_at = max(value, self.last_checkpoint_at or 0)
+            else:
+                setattr(self, name, getattr(self, name) + value)
+
+
+class Connection(sqlite3.Connection):
+    """A connection that carries its own state: whose it is, its clocks, its figures."""
+
+    def __init__(self, path: str, *args: Any, **kwargs: Any) -> None:
+        super().__init__(path, *args, **kwargs)
+        self.path = path
+        self.pid = os.getpid()
+        self.thread = threading.current_thread()
+        self.read_only = False  # opened while the file was not writable
+        self.reopen = False  # found unable to write: replaced at the next connect()
+        self.last_checkpoint = -math.inf  # time.monotonic() of its last checkpoint
+        self.last_prune = -math.inf  # time.monotonic() of its last pruning of expired keys
+        self.columns: dict[str, tuple[str, ...]] = {}
+        self.tables_ready: set[str] = set()
+        self.figures = Figures()
+
+
+class _Registry:
+    """This process's connections, one per path and thread, held by strong references.
+
+    Not threading.local: in a forked child Python discards the locals of the
+    parent's other threads, and a connection freed there would be closed,
+    running SQLite's close-time unlock and checkpoint against locks that
+    belong to the parent.
+    """
+
+    def __init__(self) -> None:
+        self.pid = os.getpid()
+        self.connections: dict[tuple[str, int], Connection] = {}
+        self.inherited: list[Connection] = []  # from before a fork: never used or closed
+        self.closed_figures = Figures()  # the figures of connections closed since
+        self.lock = threading.Lock()
+
+    def forked(self) -> None:
+        """Start over in a forked child, keeping the parent's connections referenced."""
+        self.inherited.extend(self.connections.values())
+        self.connections = {}
+        self.closed_figures = Figures()
+        self.lock = threading.Lock()
+        self.pid = os.getpid()
+
+    def retire(self, key: tuple[str, int]) -> None:
+        """Close a connection of this process (caller holds the lock)."""
+        conn = self.connections.pop(key)
+        self.closed_figures.add(conn.figures)
+        conn.close()
+
+
+_registry = _Registry()
+
+
+def _note(figures: Figures, event: str, amount: float = 1) -> None:
+    """Count `event` in `figures` and tell the listeners."""
+    setattr(figures, event, getattr(figures, event) + amount)
+    if listeners:
+        for listener in listeners:
+            listener(event, amount)
 
 
 def _synchronous() -> str:
@@ -130,11 +248,30 @@ def _synchronous() -> str:
     return mode
 
 
-def _open(path: str) -> sqlite3.Connection:
-    conn = sqlite3.connect(path, isolation_level=None, timeout=BUSY_POLL_MS / 1000)
+def _check_sqlite_version() -> None:
+    if sqlite3.sqlite_version_info < SQLITE_NEEDED:
+        needed = ".".join(map(str, SQLITE_NEEDED))
+        raise RuntimeError(
+            f"SQLite {sqlite3.sqlite_version} is too old: lite needs {needed} or newer "
+            "(RETURNING came in 3.35, STRICT tables in 3.37)"
+        )
+
+
+def _open(path: str) -> Connection:
+    _check_sqlite_version()
+    conn = sqlite3.connect(
+        path,
+        factory=Connection,
+        isolation_level=None,
+        timeout=BUSY_POLL_MS / 1000,
+        # Each connection is used by its own thread only; the process closes
+        # it from another thread once that one has ended.
+        check_same_thread=False,
+    )
     try:
         conn.row_factory = sqlite3.Row
-        conn.execute("PRAGMA journal_mode = WAL")
+        # Making a new database WAL takes a lock: waited for like any other.
+        _retrying(conn, lambda: conn.execute("PRAGMA journal_mode = WAL"))
         conn.execute(f"PRAGMA synchronous = {_synchronous()}")
         conn.execute("PRAGMA foreign_keys = ON")
         conn.execute(f"PRAGMA journal_size_limit = {JOURNAL_SIZE_LIMIT_BYTES}")
@@ -143,15 +280,52 @@ def _open(path: str) -> sqlite3.Connection:
         # checkpoint from finishing, SQLite would retry it (and fsync) on
         # every commit.
         conn.execute("PRAGMA wal_autocheckpoint = 0")
-        # A database made by an older lite gets the tables it lacks.
-        if conn.execute("PRAGMA user_version").fetchone()[0] < SCHEMA_VERSION:
-            conn.executescript(
-                f"BEGIN IMMEDIATE; {SCHEMA} PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;"
-            )
+        _upgrade_lite_0_1(conn)
     except BaseException:
         conn.close()
         raise
+    conn.read_only = not os.access(path, os.W_OK)
     return conn
+
+
+def _upgrade_lite_0_1(conn: Connection) -> None:
+    """Give a database made by lite 0.1 the lite_* table names, once, keeping every row.
+
+    Recognised by PRAGMA user_version 3 with all four of its tables, and no
+    lite_schema yet; any other database is left as it is.
+    """
+    if conn.execute("PRAGMA user_version").fetchone()[0] != _LITE_0_1_USER_VERSION:
+        return
+    found = {row[0] for row in conn.execute("SELECT name FROM sqlite_schema WHERE type = 'table'")}
+    if "lite_schema" in found or not set(_LITE_0_1_RENAMES) <= found:
+        return
+    state_columns = [row[1] for row in conn.execute("PRAGMA table_info(config_state)")]
+    if state_columns != list(_LITE_0_1_CONFIG_STATE_COLUMNS):
+        return
+
+    def upgrade() -> None:
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            if conn.execute("SELECT 1 FROM sqlite_schema WHERE name = 'lite_schema'").fetchone():
+                conn.execute("ROLLBACK")  # another process upgraded it meanwhile
+                return
+            for old, new in _LITE_0_1_RENAMES.items():
+                conn.execute(f"ALTER TABLE {old} RENAME TO {new}")
+            conn.execute("DROP INDEX IF EXISTS idempotency_keys_created_at")
+            for statement in (*IDEMPOTENCY_TABLES, *_SCHEMA_TABLE):
+                conn.execute(statement)
+            conn.executemany(
+                "INSERT INTO lite_schema (feature, version) VALUES (?, 1)",
+                [(feature,) for feature in _LITE_0_1_FEATURES],
+            )
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+        log.info("database %s made by lite 0.1: tables renamed to lite_*", conn.path)
+
+    _retrying(conn, upgrade)
 
 
 def _is_busy(exc: sqlite3.Error) -> bool:
@@ -164,7 +338,11 @@ def _is_busy(exc: sqlite3.Error) -> bool:
     return "locked" in str(exc) or "busy" in str(exc)
 
 
-def _retrying(cur: sqlite3.Cursor, attempt: Callable[[], Any]) -> Any:
+def _primary_code(exc: sqlite3.Error) -> int:
+    return (getattr(exc, "sqlite_errorcode", None) or 0) & 0xFF
+
+
+def _retrying(conn: Connection, attempt: Callable[[], Any]) -> Any:
     """Run `attempt()`, retrying on busy/locked until LOCK_BUDGET_MS is spent.
 
     Raises the last sqlite3.Error when the budget is spent or the error is not
@@ -172,11 +350,9 @@ def _retrying(cur: sqlite3.Cursor, attempt: Callable[[], Any]) -> Any:
     BUSY_POLL_MS per attempt, then this loop sleeps a jittered moment and
     tries again. Left to wait the whole budget itself, SQLite's handler backs
     off to sleeps of 100 ms, and a process that has waited long loses the lock
-    to each newcomer: with 8 processes writing in a tight loop, waits reached
-    3 s and writes failed; sliced, the worst wait was 0.2-0.4 s and none
-    failed (tests/test_db.py::test_waits_for_the_write_lock_are_fair). The
-    retries also cover busy errors SQLite returns without waiting, e.g. while
-    another connection runs WAL recovery
+    to each newcomer (tests/test_db.py::test_waits_for_the_write_lock_are_fair).
+    The retries also cover busy errors SQLite returns without waiting, e.g.
+    while another connection runs WAL recovery
     (tests/test_db.py::test_busy_without_wait_is_retried).
     """
     started = time.monotonic()
@@ -190,120 +366,73 @@ def _retrying(cur: sqlite3.Cursor, attempt: Callable[[], Any]) -> Any:
                 remaining = deadline - time.monotonic()
                 if not _is_busy(exc) or remaining <= 0:
                     raise
-                stats["busy_retries"] += 1
+                _note(conn.figures, "busy_retries")
                 time.sleep(random.uniform(0, min(RETRY_SLEEP_MAX_S, remaining)))
                 remaining_ms = max(1, int((deadline - time.monotonic()) * 1000))
                 if remaining_ms < BUSY_POLL_MS:
-                    cur.execute(f"PRAGMA busy_timeout = {remaining_ms}")
+                    conn.execute(f"PRAGMA busy_timeout = {remaining_ms}")
                     narrowed = True
     finally:
-        stats["db_time_s"] += time.monotonic() - started
+        _note(conn.figures, "db_time_s", time.monotonic() - started)
         if narrowed:
-            cur.execute(f"PRAGMA busy_timeout = {BUSY_POLL_MS}")
+            conn.execute(f"PRAGMA busy_timeout = {BUSY_POLL_MS}")
 
 
-def _checkpoint_now_and_then(cur: sqlite3.Cursor) -> None:
+def _checkpoint_now_and_then(conn: Connection) -> None:
     """A checkpoint, at most once per CHECKPOINT_INTERVAL_S per connection.
 
     Passive first: it copies what no reader still needs from the WAL into
     the database and never waits. While readers follow one another without
-    a pause, some reader always needs the newest frames, the WAL is never
-    found fully copied and the -wal file grows without bound (tests/
-    test_operations.py measures it). So when the WAL holds more than
-    JOURNAL_SIZE_LIMIT_BYTES, a RESTART checkpoint follows: it waits at most
-    CHECKPOINT_WAIT_MS for the readers of old frames to finish (new readers
-    read the database file and do not wait) and makes the next writer start
-    the WAL over; journal_size_limit then truncates the file. Writers wait
-    for it as for any lock. A failure loses nothing (the WAL keeps every
+    a pause, some reader always needs the newest frames and the -wal file
+    grows without bound (tests/test_operations.py measures it). So when the
+    WAL holds more than JOURNAL_SIZE_LIMIT_BYTES, a RESTART checkpoint
+    follows: it waits at most CHECKPOINT_WAIT_MS for the readers of old
+    frames and makes the next writer start the WAL over; journal_size_limit
+    then truncates the file. A failure loses nothing (the WAL keeps every
     commit) and is only logged.
     """
     now = time.monotonic()
-    key = id(cur.connection)
-    last = _last_checkpoint.get(key)
-    if last is not None and now - last < CHECKPOINT_INTERVAL_S:
+    if now - conn.last_checkpoint < CHECKPOINT_INTERVAL_S:
         return
-    _last_checkpoint[key] = now
+    conn.last_checkpoint = now
     try:
-        _, wal_frames, _ = cur.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
-        stats["checkpoints"] += 1
-        stats["last_checkpoint_at"] = time.time()
-        page_size = cur.execute("PRAGMA page_size").fetchone()[0]
+        _, wal_frames, _ = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+        _note(conn.figures, "checkpoints")
+        conn.figures.last_checkpoint_at = time.time()
+        page_size = conn.execute("PRAGMA page_size").fetchone()[0]
         if wal_frames * (page_size + WAL_FRAME_HEADER_BYTES) > JOURNAL_SIZE_LIMIT_BYTES:
-            cur.execute(f"PRAGMA busy_timeout = {CHECKPOINT_WAIT_MS}")
+            conn.execute(f"PRAGMA busy_timeout = {CHECKPOINT_WAIT_MS}")
             try:
-                busy, _, _ = cur.execute("PRAGMA wal_checkpoint(RESTART)").fetchone()
+                busy, _, _ = conn.execute("PRAGMA wal_checkpoint(RESTART)").fetchone()
             finally:
-                cur.execute(f"PRAGMA busy_timeout = {BUSY_POLL_MS}")
+                conn.execute(f"PRAGMA busy_timeout = {BUSY_POLL_MS}")
             if not busy:
-                stats["wal_restarts"] += 1
+                _note(conn.figures, "wal_restarts")
     except sqlite3.Error as exc:
-        log.warning("checkpoint failed: %s", exc)
+        log.warning("checkpoint of %s failed: %s", conn.path, exc)
 
 
-def _write(
-    cur: sqlite3.Cursor, work: Callable[[sqlite3.Cursor], Any], what: str, one_statement: bool
-) -> Any:
-    """Run `work(cur)` as one write transaction, with retries.
-
-    `one_statement`: work runs exactly one statement, which is then its own
-    transaction: SQLite takes the write lock as the statement starts, before
-    it reads anything, as BEGIN IMMEDIATE does, and holds it only while
-    SQLite runs that statement, never while Python runs. Otherwise work runs
-    between BEGIN IMMEDIATE and COMMIT. Returns work's result, or False after
-    logging and counting a failure.
-    """
-
-    def in_transaction() -> Any:
-        began = time.monotonic()
-        try:
-            cur.execute("BEGIN IMMEDIATE")
-        finally:
-            stats["write_lock_wait_s"] += time.monotonic() - began
-        try:
-            result = work(cur)
-            cur.execute("COMMIT")
-        except BaseException:
-            if cur.connection.in_transaction:
-                cur.execute("ROLLBACK")
-            raise
-        return result
-
-    def statement() -> Any:
-        began = time.monotonic()
-        try:
-            return work(cur)
-        finally:
-            stats["write_lock_wait_s"] += time.monotonic() - began
-
-    stats["writes"] += 1
-    try:
-        result = _retrying(cur, statement if one_statement else in_transaction)
-    except sqlite3.Error as exc:
-        stats["write_failures"] += 1
-        if getattr(exc, "sqlite_errorcode", 0) & 0xFF == sqlite3.SQLITE_READONLY:
-            _reopen.add(id(cur.connection))
-        log.error("write failed (%s): %s%s", what, exc, _advice(exc, _path_of(cur)))
-        return False
-    _checkpoint_now_and_then(cur)
-    return result
+def _failed(conn: Connection, kind: str, what: str, exc: sqlite3.Error) -> Exception:
+    """Log and count a failure; the exception to raise for it."""
+    _note(conn.figures, f"{kind}_failures")
+    code = _primary_code(exc)
+    if code == sqlite3.SQLITE_READONLY:
+        conn.reopen = True
+    log.error("%s failed (%s): %s%s", kind, what, exc, _advice(code, conn.path))
+    if code in UNREACHABLE_CODES:
+        return Unavailable(f"{kind} failed: {exc}")
+    return exc
 
 
-def _path_of(cur: sqlite3.Cursor) -> str | None:
-    for path, (_, conn) in _connections.items():
-        if conn is cur.connection:
-            return path
-    return None
-
-
-def _advice(exc: sqlite3.Error, path: str | None) -> str:
+def _advice(code: int, path: str) -> str:
     """What to do about an error that a person has to fix, for the log line."""
-    code = getattr(exc, "sqlite_errorcode", 0) & 0xFF
-    needs_a_person = (sqlite3.SQLITE_READONLY, sqlite3.SQLITE_CANTOPEN, sqlite3.SQLITE_FULL)
-    if path is None or code not in needs_a_person:
-        return ""
-    if code == sqlite3.SQLITE_FULL:
-        return f"; the disk holding {os.path.dirname(os.path.abspath(path))} is full: free space"
     directory = os.path.dirname(os.path.abspath(path))
+    if code == sqlite3.SQLITE_FULL:
+        return f"; the disk holding {directory} is full: free space"
+    if code == sqlite3.SQLITE_CANTOPEN and not os.path.isdir(directory):
+        return f"; the directory {directory} does not exist: create it (resetapp.sh does)"
+    if code not in (sqlite3.SQLITE_READONLY, sqlite3.SQLITE_CANTOPEN, sqlite3.SQLITE_PERM):
+        return ""
     user = _user_name()
     return (
         f"; {path} (and its directory {directory}, for the -wal and -shm files) must be "
@@ -319,32 +448,82 @@ def _user_name() -> str:
         return f"uid {os.geteuid()}"
 
 
-def _read(cur: sqlite3.Cursor, fetch: Callable[[], Any], what: str) -> Any:
-    """What `fetch()` returns, or _FAILED after logging and counting a failure."""
-    stats["reads"] += 1
+def _write(
+    cur: sqlite3.Cursor, work: Callable[[sqlite3.Cursor], Any], what: str, one_statement: bool
+) -> Any:
+    """Run `work(cur)` as one write transaction, with retries; its result.
+
+    `one_statement`: work runs exactly one statement, which is then its own
+    transaction: SQLite takes the write lock as the statement starts, before
+    it reads anything, as BEGIN IMMEDIATE does, and holds it only while
+    SQLite runs that statement, never while Python runs. Otherwise work runs
+    between BEGIN IMMEDIATE and COMMIT. Raises Unavailable, or the
+    sqlite3.Error, after logging and counting a failure.
+    """
+    conn = cur.connection
+
+    def in_transaction() -> Any:
+        began = time.monotonic()
+        try:
+            cur.execute("BEGIN IMMEDIATE")
+        finally:
+            _note(conn.figures, "write_lock_wait_s", time.monotonic() - began)
+        try:
+            result = work(cur)
+            cur.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                cur.execute("ROLLBACK")
+            raise
+        return result
+
+    def statement() -> Any:
+        began = time.monotonic()
+        try:
+            return work(cur)
+        finally:
+            _note(conn.figures, "write_lock_wait_s", time.monotonic() - began)
+
+    _note(conn.figures, "writes")
     try:
-        return _retrying(cur, fetch)
+        result = _retrying(conn, statement if one_statement else in_transaction)
     except sqlite3.Error as exc:
-        stats["read_failures"] += 1
-        log.error("read failed (%s): %s", what, exc)
-        return _FAILED
+        failure = _failed(conn, "write", what, exc)
+        if failure is exc:
+            raise
+        raise failure from exc
+    _checkpoint_now_and_then(conn)
+    return result
+
+
+def _read(cur: sqlite3.Cursor, fetch: Callable[[], Any], what: str) -> Any:
+    """What `fetch()` returns, with retries; raises as _write does."""
+    conn = cur.connection
+    _note(conn.figures, "reads")
+    try:
+        return _retrying(conn, fetch)
+    except sqlite3.Error as exc:
+        failure = _failed(conn, "read", what, exc)
+        if failure is exc:
+            raise
+        raise failure from exc
 
 
 def _columns(cur: sqlite3.Cursor, table: str) -> tuple[str, ...]:
-    """Columns of `table` in the live schema, primary key first.
+    """Columns of `table` in the live schema, primary key first (cached per connection).
 
     Raises ValueError for a name that is not a table of this database.
     """
     if not isinstance(table, str) or not _NAME.match(table):
         raise ValueError(f"not a table name: {table!r}")
-    key = (id(cur.connection), table)
-    if key not in _columns_cache:
+    cache = cur.connection.columns
+    if table not in cache:
         rows = cur.execute(f'PRAGMA table_info("{table}")').fetchall()
         if not rows:
             raise ValueError(f"no such table: {table!r}")
         rows.sort(key=lambda row: (row["pk"] == 0, row["pk"], row["cid"]))
-        _columns_cache[key] = tuple(row["name"] for row in rows)
-    return _columns_cache[key]
+        cache[table] = tuple(row["name"] for row in rows)
+    return cache[table]
 
 
 def _check_columns(cur: sqlite3.Cursor, table: str, names: Iterable[str]) -> tuple[str, ...]:
@@ -355,67 +534,144 @@ def _check_columns(cur: sqlite3.Cursor, table: str, names: Iterable[str]) -> tup
     return columns
 
 
-# Public API
+# Connections
 
 
-def connect(path: str) -> sqlite3.Connection:
-    """This process's connection to `path`, opened on first use.
+def connect(path: str) -> Connection:
+    """This thread's connection to `path` in this process, opened on first use.
 
-    A connection that SQLite opened read-only (the file was not writable) is
-    replaced once the file is writable again. Raises sqlite3.Error if the
-    database cannot be opened.
+    A connection that could not write (opened while the file was not
+    writable) is replaced once the file is writable again. Raises
+    Unavailable (logged) if the database cannot be opened, RuntimeError if
+    SQLite is older than SQLITE_NEEDED.
     """
-    pid = os.getpid()
-    known = _connections.get(path)
-    if known is not None:
-        owner, conn = known
-        if id(conn) in _read_only and os.access(path, os.W_OK):
-            _reopen.add(id(conn))
-        if owner == pid and id(conn) not in _reopen:
-            return conn
-        del _connections[path]
-        if owner == pid:
-            _reopen.discard(id(conn))
-            _read_only.discard(id(conn))
-            for cache in (_last_checkpoint, _last_prune):
-                cache.pop(id(conn), None)
-            conn.close()
-        else:
-            _inherited.append(conn)
-    conn = _open(path)
-    _connections[path] = (pid, conn)
-    if not os.access(path, os.W_OK):
-        _read_only.add(id(conn))
+    registry = _registry
+    if registry.pid != os.getpid():
+        registry.forked()
+    key = (path, threading.get_ident())
+    conn = registry.connections.get(key)
+    if (
+        conn is not None
+        and conn.thread is threading.current_thread()
+        and not conn.reopen
+        and not (conn.read_only and os.access(path, os.W_OK))
+    ):
+        return conn
+    with registry.lock:
+        # Thread idents are reused: a connection under this key may be a
+        # dead thread's. Close it, and those of every other ended thread.
+        for other_key, other in list(registry.connections.items()):
+            if other_key == key or not other.thread.is_alive():
+                registry.retire(other_key)
+    try:
+        conn = _open(path)
+    except sqlite3.Error as exc:
+        code = _primary_code(exc)
+        log.error("cannot open database %s: %s%s", path, exc, _advice(code, path))
+        _note(registry.closed_figures, "read_failures")
+        raise Unavailable(f"cannot open database: {exc}") from exc
+    registry.connections[key] = conn
     return conn
 
 
-def cursor(path: str) -> sqlite3.Cursor | None:
-    """A fresh cursor on this process's connection; the caller closes it.
+def cursor(path: str) -> sqlite3.Cursor:
+    """A fresh cursor on this thread's connection; the caller closes it.
 
-    Returns None (logged and counted as a failed read) if the database
-    cannot be opened.
+    Raises Unavailable (logged and counted) if the database cannot be opened.
     """
-    try:
-        return connect(path).cursor()
-    except sqlite3.Error as exc:
-        stats["read_failures"] += 1
-        log.error("cannot open database %s: %s%s", path, exc, _advice(exc, path))
-        return None
+    return connect(path).cursor()
 
 
 def close_all() -> None:
-    """Close the connections this process opened (tests, shutdown)."""
-    pid = os.getpid()
-    for path, (owner, conn) in list(_connections.items()):
-        if owner == pid:
-            conn.close()
-        del _connections[path]
-    # Keyed by id(connection), which a new connection may reuse.
-    _columns_cache.clear()
-    _last_checkpoint.clear()
-    _last_prune.clear()
-    _reopen.clear()
-    _read_only.clear()
+    """Close every connection of this process and forget its figures.
+
+    For shutdown, and for tests to start afresh: the one reset of this
+    module's state.
+    """
+    registry = _registry
+    if registry.pid != os.getpid():
+        registry.forked()
+    with registry.lock:
+        for key in list(registry.connections):
+            registry.retire(key)
+        registry.closed_figures = Figures()
+
+
+def figures() -> dict[str, Any]:
+    """This process's figures: its open connections' and its closed ones', summed.
+
+    Also `connections`: how many connections this process has open now.
+    """
+    registry = _registry
+    total = Figures()
+    open_now = []
+    if registry.pid == os.getpid():
+        total.add(registry.closed_figures)
+        open_now = list(registry.connections.values())
+        for conn in open_now:
+            total.add(conn.figures)
+    return {**asdict(total), "connections": len(open_now)}
+
+
+def ensure_tables(cur: sqlite3.Cursor, feature: str, version: int, tables: Sequence[str]) -> None:
+    """Create the tables of `feature` if this database lacks them, and record its version.
+
+    `tables`: CREATE ... IF NOT EXISTS statements. Runs at most once per
+    connection and feature; a write only when the feature is new to the
+    database. Raises Unavailable as a write does.
+    """
+    conn = cur.connection
+    if feature in conn.tables_ready:
+        return
+
+    def recorded() -> int:
+        if cur.execute("SELECT 1 FROM sqlite_schema WHERE name = 'lite_schema'").fetchone():
+            row = cur.execute(
+                "SELECT version FROM lite_schema WHERE feature = ?", (feature,)
+            ).fetchone()
+            return row[0] if row else 0
+        return 0
+
+    if _read(cur, recorded, f"schema of {feature}") < version:
+
+        def create(cur: sqlite3.Cursor) -> None:
+            for statement in (*_SCHEMA_TABLE, *tables):
+                cur.execute(statement)
+            cur.execute(
+                "INSERT INTO lite_schema (feature, version) VALUES (?, ?)"
+                " ON CONFLICT (feature) DO UPDATE SET version = excluded.version",
+                (feature, version),
+            )
+
+        _write(cur, create, f"tables of {feature}", one_statement=False)
+    conn.tables_ready.add(feature)
+
+
+# Reads and writes that raise Unavailable
+
+
+def query(cur: sqlite3.Cursor, sql: str, params: Sequence[Any] = ()) -> list[sqlite3.Row]:
+    """All rows of a read-only query, in its own read transaction.
+
+    Raises Unavailable, or the sqlite3.Error, after logging and counting it.
+    """
+    if not isinstance(sql, str):
+        raise ValueError("sql must be a string")
+    return _read(cur, lambda: cur.execute(sql, params).fetchall(), "query")
+
+
+def write(cur: sqlite3.Cursor, work: Callable[[sqlite3.Cursor], Any]) -> Any:
+    """Run `work(cur)` in one BEGIN IMMEDIATE transaction; its result.
+
+    The way to read, compute in Python and write back without losing updates.
+    `work` may be run again after a busy error, so it must have no effects
+    outside the database. Raises Unavailable, or the sqlite3.Error, after
+    logging and counting it; nothing was written then.
+    """
+    return _write(cur, work, getattr(work, "__name__", "write"), one_statement=False)
+
+
+# The original's helpers: False (or None) on failure
 
 
 def transact(
@@ -425,11 +681,9 @@ def transact(
     """Run `work` in one write transaction that holds the write lock throughout.
 
     `work` is a list of (sql, params) statements, or a callable taking the
-    cursor: the way to read, compute in Python and write back without losing
-    updates. A callable may be run again after a busy error, so it must not
-    have effects outside the database, and must not return False, which
-    means failure. Returns the callable's result (True for a list, or when
-    the callable returns None); False on failure: test with `is False`.
+    cursor (see `write`), which must not return False. Returns the
+    callable's result (True for a list, or when the callable returns None);
+    False on failure (logged and counted): test with `is False`.
     """
     if callable(work):
         run = work
@@ -447,7 +701,10 @@ def transact(
         result = run(cur)
         return True if result is None else result
 
-    return _write(cur, run_and_mark, "transact", one_statement=False)
+    try:
+        return _write(cur, run_and_mark, "transact", one_statement=False)
+    except (Unavailable, sqlite3.Error):
+        return False
 
 
 def transact_one(cur: sqlite3.Cursor, sql: str, params: Sequence[Any] = ()) -> Any:
@@ -462,7 +719,11 @@ def transact_one(cur: sqlite3.Cursor, sql: str, params: Sequence[Any] = ()) -> A
         rows = cur.execute(sql, params).fetchall()
         return rows[0] if rows else True
 
-    return _write(cur, run, sql.split(None, 1)[0] if sql.strip() else "empty", one_statement=True)
+    what = sql.split(None, 1)[0] if sql.strip() else "empty"
+    try:
+        return _write(cur, run, what, one_statement=True)
+    except (Unavailable, sqlite3.Error):
+        return False
 
 
 def transact_many(cur: sqlite3.Cursor, sql: str, seq_of_params: Iterable[Sequence[Any]]) -> bool:
@@ -478,7 +739,10 @@ def transact_many(cur: sqlite3.Cursor, sql: str, seq_of_params: Iterable[Sequenc
         cur.executemany(sql, rows)
         return True
 
-    return _write(cur, run, "transact_many", one_statement=False)
+    try:
+        return _write(cur, run, "transact_many", one_statement=False)
+    except (Unavailable, sqlite3.Error):
+        return False
 
 
 def get(cur: sqlite3.Cursor, table: str, key: Any, attr: str, default: Any = None) -> Any:
@@ -489,18 +753,11 @@ def get(cur: sqlite3.Cursor, table: str, key: Any, attr: str, default: Any = Non
     """
     columns = _check_columns(cur, table, [attr])
     sql = f'SELECT "{attr}" FROM "{table}" WHERE "{columns[0]}" = ?'
-    row = _read(cur, lambda: cur.execute(sql, (key,)).fetchone(), f"get {table}.{attr}")
-    if row is _FAILED:
+    try:
+        row = _read(cur, lambda: cur.execute(sql, (key,)).fetchone(), f"get {table}.{attr}")
+    except (Unavailable, sqlite3.Error):
         return None
     return default if row is None else row[0]
-
-
-def select(cur: sqlite3.Cursor, sql: str, params: Sequence[Any] = ()) -> list[sqlite3.Row] | None:
-    """All rows of a read-only query, in its own read transaction; None on failure."""
-    if not isinstance(sql, str):
-        raise ValueError("sql must be a string")
-    rows = _read(cur, lambda: cur.execute(sql, params).fetchall(), "select")
-    return None if rows is _FAILED else rows
 
 
 def upsert(cur: sqlite3.Cursor, table: str, row: dict[str, Any]) -> bool:
@@ -531,13 +788,34 @@ def upsert(cur: sqlite3.Cursor, table: str, row: dict[str, Any]) -> bool:
         cur.execute(sql, values)
         return True
 
-    return _write(cur, run, f"upsert {table}", one_statement=True)
+    try:
+        return _write(cur, run, f"upsert {table}", one_statement=True)
+    except (Unavailable, sqlite3.Error):
+        return False
 
 
-# Adds a step to a counter in one statement; no row when there is no such
-# counter or the sum would pass MAX_INTEGER (the third parameter is the
-# largest value the step may be added to).
-_INCREMENT = "UPDATE counters SET value = value + ? WHERE name = ? AND value <= ? RETURNING value"
+# The demo's counters: read-modify-write done right
+
+# `name`, or the first counter when name is NULL: one statement picks it.
+_PICK = "coalesce(?, (SELECT name FROM counters ORDER BY position LIMIT 1))"
+# Adds a step to a counter in one statement. A sum past MAX_INTEGER becomes
+# a REAL, which the STRICT column refuses (SQLITE_CONSTRAINT_DATATYPE): so
+# one statement tells a new value, no such counter (no row) and an overflow.
+_INCREMENT = f"UPDATE counters SET value = value + ? WHERE name = {_PICK} RETURNING name, value"
+
+
+def ensure_counters(cur: sqlite3.Cursor) -> None:
+    """Create the demo's `counters` table if missing; refuse one that is not lite's.
+
+    Raises ValueError when a table named counters has other columns,
+    Unavailable as a write does.
+    """
+    if "counters" in cur.connection.tables_ready:
+        return
+    found = cur.execute("SELECT name FROM pragma_table_info('counters')").fetchall()
+    if found and [row[0] for row in found] != ["name", "value", "position"]:
+        raise ValueError("this database has a table named counters that is not lite's")
+    ensure_tables(cur, "counters", 1, COUNTERS_TABLES)
 
 
 def _check_step(by: Any) -> None:
@@ -545,263 +823,127 @@ def _check_step(by: Any) -> None:
         raise ValueError("by must be an int from 1 to MAX_INTEGER")
 
 
-def increment(cur: sqlite3.Cursor, name: str, by: int = 1) -> Any:
-    """Add `by` to counter `name` in one atomic statement.
+def _add(cur: sqlite3.Cursor, name: str | None, by: int) -> Any:
+    """Run the increment statement: (name, value), None for no counter, or _OVERFLOW."""
+    try:
+        return cur.execute(_INCREMENT, (by, name)).fetchone()
+    except sqlite3.IntegrityError as exc:
+        if getattr(exc, "sqlite_errorcode", None) == SQLITE_CONSTRAINT_DATATYPE:
+            return _OVERFLOW
+        raise
 
-    Returns the new value; None when there is no such counter or the sum would
-    exceed MAX_INTEGER (nothing is written then); False on failure.
+
+def _added(result: Any, name: str | None) -> tuple[str, int]:
+    if result is None:
+        raise NoSuchCounter(name)
+    if result is _OVERFLOW:
+        raise WouldOverflow(f"{name} would pass {MAX_INTEGER}")
+    return result[0], result[1]
+
+
+def read_counter(cur: sqlite3.Cursor, name: str | None = None) -> tuple[str, int]:
+    """(name, value) of counter `name`, or of the first counter when name is None.
+
+    Raises NoSuchCounter, or Unavailable.
+    """
+    ensure_counters(cur)
+    row = _read(
+        cur,
+        lambda: cur.execute(
+            f"SELECT name, value FROM counters WHERE name = {_PICK}", (name,)
+        ).fetchone(),
+        "read counter",
+    )
+    if row is None:
+        raise NoSuchCounter(name)
+    return row[0], row[1]
+
+
+def increment(cur: sqlite3.Cursor, name: str | None = None, by: int = 1) -> tuple[str, int]:
+    """Add `by` to counter `name` (None: the first counter) in one atomic statement.
+
+    Returns (name, new value). Raises NoSuchCounter or WouldOverflow (nothing
+    written then), or Unavailable.
     """
     _check_step(by)
-    row = transact_one(cur, _INCREMENT, (by, name, MAX_INTEGER - by))
-    if row is False:
-        return False
-    return None if row is True else row[0]
+    ensure_counters(cur)
+    return _added(_write(cur, lambda cur: _add(cur, name, by), "increment", True), name)
 
 
-def increment_once(cur: sqlite3.Cursor, name: str, by: int, key: str) -> Any:
+def increment_once(
+    cur: sqlite3.Cursor, name: str | None, by: int, key: str
+) -> tuple[str, int, bool]:
     """Add `by` to counter `name` once per `key`, however often it is asked.
 
     The first call with a key increments and stores the key with its result,
     in the same transaction; a repeat within IDEMPOTENCY_TTL_S changes
-    nothing and returns the stored result. Returns (value, replayed): the new
-    value (the stored one when replayed), or None as `increment` does;
-    ("mismatch", stored) if the key was used for another counter or step;
-    False on failure. Expired keys are pruned here, a bounded batch at most
-    once per PRUNE_INTERVAL_S per process, so no request pays for a backlog.
+    nothing and returns the stored result. Returns (name, value, replayed).
+    Raises KeyReused if the key was used for another counter or step, else
+    as `increment` does. Expired keys are pruned here, a bounded batch at
+    most once per PRUNE_INTERVAL_S per connection, so no request pays for a
+    backlog.
     """
     _check_step(by)
+    ensure_counters(cur)
+    ensure_tables(cur, "idempotency", 1, IDEMPOTENCY_TABLES)
+    conn = cur.connection
     now = time.time()
-    prune = _prune_due(cur)
+    prune = time.monotonic() - conn.last_prune >= PRUNE_INTERVAL_S
+    if prune:
+        conn.last_prune = time.monotonic()
 
-    def work(cur: sqlite3.Cursor) -> tuple[Any, Any]:
+    def work(cur: sqlite3.Cursor) -> Any:
         if prune:
             cur.execute(
-                "DELETE FROM idempotency_keys WHERE key IN (SELECT key FROM idempotency_keys"
-                " WHERE created_at < ? ORDER BY created_at LIMIT ?)",
+                "DELETE FROM lite_idempotency_keys WHERE key IN (SELECT key"
+                " FROM lite_idempotency_keys WHERE created_at < ? ORDER BY created_at LIMIT ?)",
                 (now - IDEMPOTENCY_TTL_S, PRUNE_BATCH),
             )
         stored = cur.execute(
-            "SELECT counter, by, value FROM idempotency_keys WHERE key = ? AND created_at >= ?",
+            "SELECT counter, by, value FROM lite_idempotency_keys"
+            " WHERE key = ? AND created_at >= ?",
             (key, now - IDEMPOTENCY_TTL_S),
         ).fetchone()
         if stored is not None:
-            if (stored["counter"], stored["by"]) != (name, by):
-                return "mismatch", dict(stored)
-            return stored["value"], True
-        row = cur.execute(_INCREMENT, (by, name, MAX_INTEGER - by)).fetchone()
-        if row is None:
-            return None, False
+            return stored, True
+        result = _add(cur, name, by)
+        if result is None or result is _OVERFLOW:
+            return result, False
         cur.execute(
-            "INSERT INTO idempotency_keys (key, counter, by, value, created_at)"
+            "INSERT INTO lite_idempotency_keys (key, counter, by, value, created_at)"
             " VALUES (?, ?, ?, ?, ?) ON CONFLICT (key) DO UPDATE SET counter = excluded.counter,"
             " by = excluded.by, value = excluded.value, created_at = excluded.created_at",
-            (key, name, by, row[0], now),
+            (key, result[0], by, result[1], now),
         )
-        return row[0], False
+        return result, False
 
-    return transact(cur, work)
-
-
-def _prune_due(cur: sqlite3.Cursor) -> bool:
-    now = time.monotonic()
-    key = id(cur.connection)
-    last = _last_prune.get(key)
-    if last is not None and now - last < PRUNE_INTERVAL_S:
-        return False
-    _last_prune[key] = now
-    return True
+    result, replayed = _write(cur, work, "increment once", one_statement=False)
+    if replayed:
+        if (name not in (None, result["counter"])) or result["by"] != by:
+            raise KeyReused(result["counter"], result["by"])
+        return result["counter"], result["value"], True
+    return (*_added(result, name), False)
 
 
-def update_counter(cur: sqlite3.Cursor, name: str, compute: Callable[[int], int]) -> Any:
+def update_counter(cur: sqlite3.Cursor, name: str, compute: Callable[[int], int]) -> int:
     """Read counter `name`, compute its new value in Python, write it back.
 
     The general read-modify-write, done right: read and write happen in one
     transaction that took the write lock before the read, so no other process
-    can write in between. Returns the new value; None when there is no such
-    counter; False on failure.
+    can write in between. Returns the new value. Raises NoSuchCounter, or
+    Unavailable.
     """
+    ensure_counters(cur)
 
-    def work(cur: sqlite3.Cursor) -> tuple[int | None]:
-        # A one-tuple is truthy even when it holds 0 or None.
+    def work(cur: sqlite3.Cursor) -> int | None:
         row = cur.execute("SELECT value FROM counters WHERE name = ?", (name,)).fetchone()
         if row is None:
-            return (None,)
+            return None
         new_value = compute(row[0])
         cur.execute("UPDATE counters SET value = ? WHERE name = ?", (new_value, name))
-        return (new_value,)
+        return new_value
 
-    result = transact(cur, work)
-    return False if result is False else result[0]
-
-
-def health(cur: sqlite3.Cursor) -> str | None:
-    """Check that the database can be read and written now.
-
-    Reads the counters and writes the one row of the health table, each
-    within the lock budget. Returns None when both work, else the reason
-    ("read failed" or "write failed"; the details are logged).
-    """
-    if select(cur, "SELECT count(*) FROM counters") is None:
-        return "read failed"
-    written = transact_one(
-        cur,
-        "INSERT INTO health (id, checked_at, pid) VALUES (1, ?, ?) "
-        "ON CONFLICT (id) DO UPDATE SET checked_at = excluded.checked_at, pid = excluded.pid",
-        (time.time(), os.getpid()),
-    )
-    return "write failed" if written is False else None
-
-
-def stats_dir(path: str) -> str:
-    """Where the processes using the database at `path` publish their figures."""
-    return path + "-stats"
-
-
-def publish_stats(path: str, figures: dict[str, Any]) -> bool:
-    """Publish this process's `figures` for every process to read.
-
-    Writes `stats_dir(path)/<pid>.json` through a rename, so a reader sees
-    the old or the new figures, never half of them. Neither takes a database
-    lock nor syncs to disk: a few microseconds, meant to run at most once per
-    STATS_INTERVAL_S. Returns False on failure (logged once per process).
-    """
-    directory = stats_dir(path)
-    name = os.path.join(directory, f"{os.getpid()}.json")
-    try:
-        os.makedirs(directory, mode=0o700, exist_ok=True)
-        with open(name + ".tmp", "w", encoding="utf-8") as out:
-            json.dump(figures, out)
-        os.replace(name + ".tmp", name)
-    except (OSError, TypeError, ValueError) as exc:
-        if not _publish_failed:
-            log.warning("cannot publish figures to %s: %s", directory, exc)
-            _publish_failed.append(exc)
-        return False
-    return True
-
-
-def published_stats(path: str) -> list[dict[str, Any]]:
-    """The figures every live process published for `path`, by pid.
-
-    Files of processes that have exited are removed; unreadable ones are
-    skipped (a process may be writing its first file).
-    """
-    try:
-        names = os.listdir(stats_dir(path))
-    except OSError:
-        return []
-    found = []
-    for name in sorted(names):
-        pid_text, _, suffix = name.partition(".")
-        if suffix != "json" or not pid_text.isdigit():
-            continue
-        file_name = os.path.join(stats_dir(path), name)
-        if not _running(int(pid_text)):
-            with contextlib.suppress(OSError):
-                os.remove(file_name)
-            continue
-        try:
-            with open(file_name, encoding="utf-8") as source:
-                figures = json.load(source)
-        except (OSError, ValueError):
-            continue
-        if isinstance(figures, dict):
-            found.append(figures)
-    found.sort(key=lambda figures: figures.get("pid", 0))
-    return found
-
-
-def _running(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # alive, owned by another user
-        return True
-    return True
-
-
-def database_figures(cur: sqlite3.Cursor, path: str) -> dict[str, Any] | None:
-    """Settings read back from the live connection, and the files' sizes.
-
-    Returns None if the database cannot be read (logged and counted).
-    """
-    synchronous_names = {0: "OFF", 1: "NORMAL", 2: "FULL", 3: "EXTRA"}
-
-    def fetch() -> dict[str, Any]:
-        def pragma(name: str) -> Any:
-            return cur.execute(f"PRAGMA {name}").fetchone()[0]
-
-        return {
-            "journal_mode": pragma("journal_mode"),
-            "synchronous": synchronous_names.get(pragma("synchronous"), "?"),
-            "busy_timeout_ms": pragma("busy_timeout"),
-            "journal_size_limit_bytes": pragma("journal_size_limit"),
-            "page_size": pragma("page_size"),
-            "page_count": pragma("page_count"),
-        }
-
-    figures = _read(cur, fetch, "database figures")
-    if figures is _FAILED:
-        return None
-    figures["lock_budget_ms"] = LOCK_BUDGET_MS
-    figures["db_bytes"] = _size(path)
-    figures["wal_bytes"] = _size(path + "-wal")
-    return figures
-
-
-def _size(name: str) -> int:
-    try:
-        return os.path.getsize(name)
-    except OSError:
-        return 0
-
-
-def backup(path: str, dest: str) -> bool:
-    """Copy the live database at `path` to the new file `dest`, consistently.
-
-    SQLite's online backup API, in one step: the copy is the database as of
-    one moment, taken inside one read transaction, which in WAL mode blocks
-    no writer. (Copying page by page would start over each time another
-    process commits, so under steady writes it might never end.) Returns
-    True, or False on failure (logged; a partial `dest` is removed). Raises
-    ValueError if `dest` exists.
-    """
-    if os.path.exists(dest):
-        raise ValueError(f"{dest} exists: backup never overwrites")
-    try:
-        source = connect(path)
-        target = sqlite3.connect(dest)
-        try:
-            source.backup(target)
-            ok = target.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
-        finally:
-            target.close()
-        if not ok:
-            raise sqlite3.DatabaseError("the copy failed its integrity check")
-    except sqlite3.Error as exc:
-        log.error("backup of %s to %s failed: %s", path, dest, exc)
-        if os.path.exists(dest):
-            os.remove(dest)
-        return False
-    return True
-
-
-def main(argv: list[str]) -> int:
-    """`python -m lite_db backup DB DEST`: an online, consistent copy of DB."""
-    if len(argv) != 3 or argv[0] != "backup":
-        print("usage: python -m lite_db backup DB_PATH DEST_PATH", file=sys.stderr)
-        return 2
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
-    _, path, dest = argv
-    try:
-        ok = backup(path, dest)
-    except ValueError as exc:
-        print(f"backup: {exc}", file=sys.stderr)
-        return 1
-    print(f"backup: {path} copied to {dest}" if ok else "backup: failed (see above)")
-    return 0 if ok else 1
-
-
-if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    value = _write(cur, work, "update counter", one_statement=False)
+    if value is None:
+        raise NoSuchCounter(name)
+    return value

@@ -90,7 +90,7 @@ existed=no
 [ -e "$DB" ] && existed=yes
 # As the daemon user, so that the files SQLite creates are theirs; umask 077
 # keeps them private.
-(umask 077 && cd "$APP" && as_user env PYTHONPATH="$APP" "$PYTHON" -m lite_config "$DB" "$APP/config.ini") ||
+(umask 077 && cd "$APP" && as_user env PYTHONPATH="$APP" "$PYTHON" -m lite_ops apply-config "$DB" "$APP/config.ini") ||
     fail "could not apply $APP/config.ini to $DB (see the message above)"
 
 if [ "$existed" = yes ]; then

@@ -16,6 +16,7 @@
 #   LITE_SYNCHRONOUS  NORMAL (default) or FULL, handed to the daemons
 #   LITE_WSGI_SCRIPT  the script in $LITE_HOME/app to serve (default
 #                     lite_app.py; the benchmark serves its own apps)
+#   LITE_PROCESSES, LITE_THREADS  the mod_wsgi daemons (default 20 x 1)
 #
 # The Apache is private: its own ServerRoot ($LITE_HOME/apache), PidFile,
 # logs and port; it includes the shipped lite.conf as it is, and leaves the
@@ -73,6 +74,8 @@ Define LITE_HOME $LITE_HOME
 Define LITE_USER $LITE_USER
 Define LITE_GROUP $LITE_GROUP
 Define LITE_WSGI_SCRIPT ${LITE_WSGI_SCRIPT:-lite_app.py}
+Define LITE_PROCESSES ${LITE_PROCESSES:-20}
+Define LITE_THREADS ${LITE_THREADS:-1}
 Include "$APACHE_DIR/lite.conf"
 EOF
 }
@@ -82,7 +85,8 @@ install_lite() {
     "$SRC/scripts/setup.sh"
     install -d -m 0755 "$LITE_HOME" "$LITE_HOME/app" "$APACHE_DIR" "$APACHE_DIR/run" \
         "$APACHE_DIR/logs"
-    install -m 0644 "$SRC/lite_app.py" "$SRC/lite_db.py" "$SRC/lite_config.py" "$LITE_HOME/app/"
+    install -m 0644 "$SRC/lite_app.py" "$SRC/lite_db.py" "$SRC/lite_config.py" "$SRC/lite_ops.py" \
+        "$SRC/lite_page.tpl" "$LITE_HOME/app/"
     if [ ! -e "$LITE_HOME/app/config.ini" ]; then
         install -m 0644 "$SRC/config.ini" "$LITE_HOME/app/config.ini"
     fi
@@ -130,7 +134,8 @@ start() {
         stop
         exit 1
     fi
-    say "lite is up: $URL (Apache PID $(running_pid), 20 daemons as $LITE_USER)"
+    say "lite is up: $URL (Apache PID $(running_pid), ${LITE_PROCESSES:-20} daemons" \
+        "x ${LITE_THREADS:-1} threads as $LITE_USER)"
     say "logs: $APACHE_DIR/logs/error.log; stop with: $0 stop"
 }
 
@@ -146,7 +151,7 @@ backup() {
     # directory that user owns, and then moved to DEST.
     tmp=$(dirname "$DB")/backup-$$.db
     if ! runuser -u "$LITE_USER" -- env PYTHONPATH="$LITE_HOME/app" \
-        "$LITE_HOME/venv/bin/python" -m lite_db backup "$DB" "$tmp"; then
+        "$LITE_HOME/venv/bin/python" -m lite_ops backup "$DB" "$tmp"; then
         rm -f "$tmp"
         fail "backup failed"
     fi
@@ -160,15 +165,12 @@ restore() {
     [ "$(id -u)" -eq 0 ] || fail "run as root"
     if pid=$(running_pid); then fail "lite is running (PID $pid): $0 stop first"; fi
     [ -f "$file" ] || fail "no file $file"
-    /usr/bin/python3 - "$file" <<'EOF' || fail "$file is not a sound SQLite database"
-import sqlite3, sys
-conn = sqlite3.connect(f"file:{sys.argv[1]}?mode=ro", uri=True)
-sys.exit(conn.execute("PRAGMA integrity_check").fetchone()[0] != "ok")
-EOF
+    PYTHONPATH="$LITE_HOME/app" /usr/bin/python3 -m lite_ops check "$file" ||
+        fail "$file is not a sound SQLite database"
     data=$(dirname "$DB")
     [ -d "$data" ] || fail "no data directory $data: run $0 install first"
     if [ -e "$DB" ]; then
-        mv "$DB" "$DB.before-restore.$(date +%Y%m%d%H%M%S)"
+        mv "$DB" "$DB.before-restore.$(date +%Y%m%d%H%M%S.%N)"
     fi
     # A -wal left by the replaced database would be replayed into the
     # restored one: remove it with its index.

@@ -66,8 +66,8 @@ audit() {
     as_lite_user /usr/bin/python3 -c '
 import sqlite3, sys
 db = sqlite3.connect(f"file:{sys.argv[1]}?mode=ro", uri=True, timeout=30)
-rows, = db.execute("SELECT count(*) FROM config_audit").fetchone()
-pid = db.execute("SELECT pid FROM config_audit ORDER BY id DESC LIMIT 1").fetchone()
+rows, = db.execute("SELECT count(*) FROM lite_config_audit").fetchone()
+pid = db.execute("SELECT pid FROM lite_config_audit ORDER BY id DESC LIMIT 1").fetchone()
 print(rows, pid[0] if pid else "-")
 ' "$DB"
 }

@@ -12,13 +12,18 @@ the same lite.conf (processes=20 threads=1):
 - lite        lite_app.py, synchronous=NORMAL
 - minimal-full  and lite-full: the same two with synchronous=FULL
 - naive       bench/naive_app.py: a connection per request, SELECT then UPDATE
+- lite-prev   with --baseline REV: lite as it was at git revision REV (its own
+              database), to compare a change with what it replaces
+
+`--apps` picks some of them (hello is always measured: every ratio needs it).
 
 Each app's GET /lite/get and POST /lite/inc are driven by wrk (20 connections,
 fixed time) and by siege (-b -c20, a fixed number of requests). For POSTs the
 counter is read before and after: acknowledged (2xx) minus the counter's delta
-is what was lost. Then SQLite alone (bench/sqlite_alone.py). Ratios to hello
-are taken within a round, and the median over rounds is reported. Writes
-results.json, results.md and results.png into --out (default bench/).
+is what was lost. Then SQLite alone (bench/sqlite_alone.py). Ratios (to hello,
+and lite's to minimal and to lite-prev) are taken within a round, and the
+median over rounds is reported. Writes results.json, results.md and
+results.png into --out (default bench/).
 """
 
 import argparse
@@ -48,7 +53,21 @@ APPS = [
     ("minimal-full", "minimal_app.py", "FULL"),
     ("lite-full", "lite_app.py", "FULL"),
     ("naive", "naive_app.py", "NORMAL"),
+    ("lite-prev", "lite_prev_app.py", "NORMAL"),
 ]
+# lite's ratio to each of these, besides hello, when they ran in the same rounds.
+COMPARED = {"lite": ("minimal", "lite-prev"), "lite-full": ("minimal-full",)}
+PREV_DIR = "prev"  # where lite-prev's files go, beside lite_app.py
+# The WSGI script that serves lite-prev: its own modules first on the path,
+# and its own database, so that neither version touches the other's tables.
+PREV_APP = """import os, sys
+here = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(here, "prev"))
+os.environ["LITE_DB_PATH"] = os.path.join(here, "data", "prev.db")
+os.environ["LITE_CONFIG_PATH"] = os.path.join(here, "config.ini")
+import lite_app
+application = lite_app.application
+"""
 CONNECTIONS = 20
 POST_BODY = "counter=hits"
 
@@ -167,12 +186,27 @@ def machine() -> dict:
     }
 
 
-def prepare(home: str, port: int) -> dict:
+def install_baseline(app: str, revision: str) -> None:
+    """lite's files as they were at git `revision`, into app/prev, and its WSGI script."""
+    names = run(["git", "-C", ROOT, "ls-tree", "--name-only", revision]).split()
+    prev = os.path.join(app, PREV_DIR)
+    os.makedirs(prev, mode=0o755)
+    for name in names:
+        if name.startswith("lite_") and name.endswith((".py", ".tpl")):
+            with open(os.path.join(prev, name), "w") as out:
+                out.write(run(["git", "-C", ROOT, "show", f"{revision}:{name}"]))
+    with open(os.path.join(app, "lite_prev_app.py"), "w") as out:
+        out.write(PREV_APP)
+
+
+def prepare(home: str, port: int, baseline: str | None) -> dict:
     env = {**os.environ, "LITE_HOME": home, "LITE_PORT": str(port)}
     run([os.path.join(ROOT, "serve.sh"), "install"], env=env)
     app = os.path.join(home, "app")
     for name in ("hello_app.py", "minimal_app.py", "naive_app.py"):
         shutil.copy(os.path.join(HERE, name), app)
+    if baseline:
+        install_baseline(app, baseline)
     # The naive app's table, made once, as the daemon user.
     naive_db = os.path.join(app, "data", "naive.db")
     run(
@@ -201,16 +235,18 @@ def serve(env: dict, script: str, synchronous: str, action: str) -> None:
 
 
 def summarize(rounds: list[dict]) -> dict:
-    """Medians over rounds of each figure, and of each ratio to hello."""
+    """Medians over rounds of each figure, and of each ratio taken within a round."""
     summary = {}
-    for app, *_ in APPS:
+    for app in rounds[0]:
         summary[app] = {}
         for key in rounds[0][app]:
             figures = {}
             for field in rounds[0][app][key]:
                 figures[field] = statistics.median(r[app][key][field] for r in rounds)
-            ratio = [r[app][key]["req_per_s"] / r["hello"][key]["req_per_s"] for r in rounds]
-            figures["ratio_to_hello"] = round(statistics.median(ratio), 3)
+            for other in ("hello", *COMPARED.get(app, ())):
+                if other in rounds[0]:
+                    ratio = [r[app][key]["req_per_s"] / r[other][key]["req_per_s"] for r in rounds]
+                    figures[f"ratio_to_{other}"] = round(statistics.median(ratio), 3)
             if "lost" in figures:
                 figures["lost_total"] = sum(r[app][key]["lost"] for r in rounds)
             figures["non_2xx_total"] = sum(r[app][key]["non_2xx"] for r in rounds)
@@ -234,6 +270,16 @@ def table(summary: dict, alone: list[dict]) -> str:
                 f"| {f.get('delta', '')} | {f.get('lost', '')} "
                 f"| {f.get('p50_ms', '')} | {f.get('p99_ms', '')} |"
             )
+    compared = [
+        f"| {app} / {other} | {key.replace('_', ' ')} | {f[f'ratio_to_{other}']:.3f} |"
+        for app, figures in summary.items()
+        for key, f in figures.items()
+        for other in COMPARED.get(app, ())
+        if f"ratio_to_{other}" in f
+    ]
+    if compared:
+        lines += ["", "| ratio (median over rounds) | driver, route | value |", "|---|---|---:|"]
+        lines += compared
     lines += [
         "",
         "| SQLite alone | processes | tx/s | locked errors | exact |",
@@ -290,20 +336,31 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--siege-requests", type=int, default=500, help="per user (500)")
     parser.add_argument("--port", type=int, default=8100)
     parser.add_argument("--out", default=HERE, help="where results go (bench/)")
+    parser.add_argument("--baseline", help="also serve lite as of this git revision (lite-prev)")
+    parser.add_argument(
+        "--apps", help="comma-separated apps to measure besides hello (default: all)"
+    )
+    parser.add_argument("--no-sqlite-alone", action="store_true", help="skip SQLite alone")
     args = parser.parse_args(argv)
+    chosen = set(args.apps.split(",")) | {"hello"} if args.apps else None
+    apps = [
+        app
+        for app in APPS
+        if (chosen is None or app[0] in chosen) and (app[0] != "lite-prev" or args.baseline)
+    ]
     if os.geteuid() != 0:
         sys.exit("bench: run as root (it installs and starts a private Apache)")
 
     home = tempfile.mkdtemp(prefix="lite-bench-", dir="/tmp")
     os.chmod(home, 0o755)
     rc = os.path.join(ROOT, "siegerc")
-    env = prepare(home, args.port)
+    env = prepare(home, args.port, args.baseline)
     base = f"http://127.0.0.1:{args.port}"
     rounds = []
     try:
         for number in range(1, args.rounds + 1):
             results = {}
-            for app, script, synchronous in APPS:
+            for app, script, synchronous in apps:
                 print(f"bench: round {number}: {app}", file=sys.stderr)
                 serve(env, script, synchronous, "start")
                 try:
@@ -315,8 +372,10 @@ def main(argv: list[str]) -> int:
             rounds.append(results)
     finally:
         shutil.rmtree(home, ignore_errors=True)
-    print("bench: SQLite alone", file=sys.stderr)
-    alone = sqlite_alone.measure_all(args.seconds)
+    alone = []
+    if not args.no_sqlite_alone:
+        print("bench: SQLite alone", file=sys.stderr)
+        alone = sqlite_alone.measure_all(args.seconds)
     summary = summarize(rounds)
     os.makedirs(args.out, exist_ok=True)
     report = {

@@ -27,12 +27,9 @@ def settle(path, age_s=60.0):
 
 @pytest.fixture(autouse=True)
 def fresh_process_state():
-    """Each test starts with no open connections and nothing seen."""
+    """Each test starts with no open connections and no figures (lite_db's one reset)."""
     yield
     lite_db.close_all()
-    lite_config._seen.clear()
-    lite_app._first_counter.clear()
-    lite_app._process["pid"] = None  # a new request count
 
 
 @pytest.fixture
@@ -70,9 +67,20 @@ def cur(db_path):
 
 
 @pytest.fixture
+def watcher(config_path):
+    """This process's view of config.ini; a new one is another process's."""
+    return lite_config.ConfigWatcher(str(config_path))
+
+
+@pytest.fixture
 def other(db_path):
-    """A second, independent connection, to check what was committed."""
-    lite_db.connect(db_path)  # creates the schema
+    """A second, independent connection, to check what was committed.
+
+    The demo's counters table is made first (through lite_db), empty.
+    """
+    made = lite_db.cursor(db_path)
+    lite_db.ensure_counters(made)
+    made.close()
     conn = sqlite3.connect(db_path, isolation_level=None, timeout=10)
     yield conn
     conn.close()

@@ -18,6 +18,8 @@ import urllib.request
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DAEMONS = 20
+# What serve.sh installs as the app, beside config.ini.
+APP_FILES = ("lite_app.py", "lite_db.py", "lite_config.py", "lite_ops.py", "lite_page.tpl")
 
 
 def free_port():
@@ -50,11 +52,11 @@ def alive(pid):
 
 
 class Deployment:
-    def __init__(self, home, port):
+    def __init__(self, home, port, env=None):
         self.home = home
         self.port = port
         self.base = f"http://127.0.0.1:{port}"
-        self.env = {**os.environ, "LITE_HOME": home, "LITE_PORT": str(port)}
+        self.env = {**os.environ, **(env or {}), "LITE_HOME": home, "LITE_PORT": str(port)}
         self.db = os.path.join(home, "app", "data", "lite.db")
         self.config = os.path.join(home, "app", "config.ini")
         self.error_log = os.path.join(home, "apache", "logs", "error.log")
@@ -95,7 +97,9 @@ class Deployment:
 
     def audit(self):
         """Fingerprints of the config versions applied, oldest first."""
-        return [row[0] for row in self.query("SELECT fingerprint FROM config_audit ORDER BY id")]
+        return [
+            row[0] for row in self.query("SELECT fingerprint FROM lite_config_audit ORDER BY id")
+        ]
 
     def write_config(self, text, age_s=5.0, mode=0o644):
         """Replace config.ini by a rename, its mtime `age_s` back (past the settle time)."""
@@ -146,17 +150,18 @@ class Deployment:
 
 
 @contextlib.contextmanager
-def deployed(before_start=None, after_stop=None):
+def deployed(before_start=None, after_stop=None, env=None):
     """A started Deployment in a fresh /tmp home; stopped and removed afterwards.
 
     before_start(home) and after_stop(home), if given, run around serve.sh
-    start and stop (e.g. to mount a small filesystem for the data).
+    start and stop (e.g. to mount a small filesystem for the data); `env`:
+    settings for serve.sh (e.g. LITE_PROCESSES and LITE_THREADS).
     """
     if os.geteuid() != 0:
         raise RuntimeError("the Apache tests run as root (run them through ./test.sh)")
     home = tempfile.mkdtemp(prefix="lite-test-", dir="/tmp")
     os.chmod(home, 0o755)  # ours: the daemon user must reach the code below it
-    dep = Deployment(home, free_port())
+    dep = Deployment(home, free_port(), env)
     if before_start is not None:
         before_start(home)
     processes = []

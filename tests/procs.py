@@ -78,10 +78,11 @@ def increment_until(db_path, stop_at, pause_s=0.0):
     cur = lite_db.cursor(db_path)
     done = failed = 0
     while time.time() < stop_at:
-        if lite_db.increment(cur, "hits", 1):
+        try:
+            lite_db.increment(cur, "hits", 1)
             done += 1
-        else:
+        except lite_db.Unavailable:
             failed += 1
         if pause_s:
             time.sleep(pause_s)
-    return done, failed, lite_db.stats["wal_restarts"]
+    return done, failed, lite_db.figures()["wal_restarts"]

@@ -40,7 +40,9 @@ def test_twenty_single_threaded_daemons_run_as_www_data(deployment):
     assert len(daemons) == DAEMONS
     assert set(daemons) == {www_data}
     with open(os.path.join(deployment.home, "apache", "lite.conf")) as f:
-        assert "processes=20 threads=1" in f.read()
+        shipped = f.read()
+    assert "processes=${LITE_PROCESSES} threads=${LITE_THREADS}" in shipped
+    assert "Define LITE_PROCESSES 20\n" in shipped and "Define LITE_THREADS 1\n" in shipped
 
 
 def test_the_shipped_lite_conf_is_what_runs(deployment):

@@ -234,13 +234,13 @@ def test_import_opens_nothing_and_paths_come_from_env_or_file(tmp_path):
     code = (
         "import lite_app, lite_db, os\n"
         "plugin = lite_app.application.plugins[-1]\n"
-        "print(plugin.db_path, plugin.config_path, lite_db._connections)\n"
+        "print(plugin.db_path, plugin.config_path, lite_db.figures()['connections'])\n"
     )
     env = {**os.environ, "LITE_DB_PATH": str(db), "LITE_CONFIG_PATH": "/x/c.ini"}
     out = subprocess.run(
         [sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True, text=True, check=True
     ).stdout
-    assert out.split() == [str(db), "/x/c.ini", "{}"]
+    assert out.split() == [str(db), "/x/c.ini", "0"]
     assert not db.exists()
     env = {k: v for k, v in env.items() if not k.startswith("LITE_")}
     env["PYTHONPATH"] = ROOT

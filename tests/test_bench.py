@@ -24,6 +24,7 @@ def test_the_benchmark_runs_and_lite_loses_nothing(tmp_path):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     args = ["--seconds", "1", "--rounds", "1", "--siege-requests", "3", "--port", str(port)]
+    args += ["--baseline", "HEAD"]  # lite as committed, served as lite-prev beside lite
     subprocess.run(
         [sys.executable, os.path.join(ROOT, "bench", "run.py"), *args, "--out", str(tmp_path)],
         check=True,
@@ -38,9 +39,12 @@ def test_the_benchmark_runs_and_lite_loses_nothing(tmp_path):
         "minimal-full",
         "lite-full",
         "naive",
+        "lite-prev",
     }
     assert report["machine"]["sqlite"]
-    for app in ("lite", "lite-full"):
+    assert "ratio_to_lite-prev" in report["summary"]["lite"]["wrk_inc"]
+    assert "ratio_to_minimal" in report["summary"]["lite"]["wrk_get"]
+    for app in ("lite", "lite-full", "lite-prev"):
         for key, figures in report["summary"][app].items():
             assert figures["non_2xx_total"] == 0, (app, key)
             assert figures["socket_errors"] == 0, (app, key)

@@ -68,7 +68,9 @@ def _value(other):
 
 
 def _audit(other):
-    return [row[0] for row in other.execute("SELECT fingerprint FROM config_audit ORDER BY id")]
+    return [
+        row[0] for row in other.execute("SELECT fingerprint FROM lite_config_audit ORDER BY id")
+    ]
 
 
 def _write_version(config_path, text, stamp_ns):
@@ -144,9 +146,9 @@ def test_config_changed_under_load_is_applied_once_per_version(db_path, config_p
     audit = _audit(other)[audit_before:]
     assert len(audit) == len(set(audit)), "a version was applied twice"
     assert len(audit) >= 3, "the test did not exercise config changes under load"
-    pids = {row[0] for row in other.execute("SELECT pid FROM config_audit")}
+    pids = {row[0] for row in other.execute("SELECT pid FROM lite_config_audit")}
     assert len(pids) >= 2, "only one process ever applied a change"
-    stored = other.execute("SELECT fingerprint FROM config_state").fetchone()[0]
+    stored = other.execute("SELECT fingerprint FROM lite_config_state").fetchone()[0]
     assert stored == audit[-1]
     assert stored.startswith(f"{os.stat(config_path).st_mtime_ns}-")
     # k versions applied: k + 1 runs of values, each from its version's value.

@@ -8,6 +8,7 @@ import pytest
 from conftest import CONFIG, settle, write_config
 
 import lite_config
+import lite_db
 
 
 def counters(other):
@@ -15,57 +16,59 @@ def counters(other):
 
 
 def audit_count(other):
-    return other.execute("SELECT count(*) FROM config_audit").fetchone()[0]
+    return other.execute("SELECT count(*) FROM lite_config_audit").fetchone()[0]
 
 
-def test_first_look_applies_the_config(cur, other, config_path):
-    assert lite_config.refresh(cur, str(config_path)) == "applied"
+def test_first_look_applies_the_config(cur, other, config_path, watcher):
+    assert watcher.refresh(cur) == "applied"
     assert counters(other) == {"hits": 0, "misses": 0}
-    row = other.execute("SELECT fingerprint, pid FROM config_audit").fetchone()
+    row = other.execute("SELECT fingerprint, pid FROM lite_config_audit").fetchone()
     assert row[1] == os.getpid()
     assert str(os.stat(config_path).st_mtime_ns) in row[0]
 
 
-def test_an_unchanged_file_costs_no_database_work(cur, other, config_path):
-    lite_config.refresh(cur, str(config_path))
-    checks = lite_config.stats["config_checks"]
-    assert lite_config.refresh(cur, str(config_path)) == "unchanged"
-    assert lite_config.stats["config_checks"] == checks
+def test_an_unchanged_file_costs_no_database_work(cur, other, config_path, watcher):
+    watcher.refresh(cur)
+    checks = watcher.checks
+    assert watcher.refresh(cur) == "unchanged"
+    assert watcher.checks == checks
     assert audit_count(other) == 1
 
 
-def test_a_version_applied_by_another_process_is_not_applied_again(cur, other, config_path):
-    assert lite_config.refresh(cur, str(config_path)) == "applied"
-    lite_config._seen.clear()  # as a second process sees it
-    assert lite_config.refresh(cur, str(config_path)) == "current"
+def test_a_version_applied_by_another_process_is_not_applied_again(
+    cur, other, config_path, watcher
+):
+    assert watcher.refresh(cur) == "applied"
+    watcher = lite_config.ConfigWatcher(str(config_path))  # as a second process sees it
+    assert watcher.refresh(cur) == "current"
     assert audit_count(other) == 1
 
 
-def test_a_touch_is_a_new_version_that_resets_every_counter(cur, other, config_path):
-    lite_config.refresh(cur, str(config_path))
+def test_a_touch_is_a_new_version_that_resets_every_counter(cur, other, config_path, watcher):
+    watcher.refresh(cur)
     other.execute("UPDATE counters SET value = 42")
     settle(config_path, age_s=30)  # only the mtime changes
-    assert lite_config.refresh(cur, str(config_path)) == "applied"
+    assert watcher.refresh(cur) == "applied"
     assert audit_count(other) == 2
     assert counters(other) == {"hits": 0, "misses": 0}
     # Once per version: the same version seen again resets nothing.
     other.execute("UPDATE counters SET value = 7")
-    lite_config._seen.clear()  # as another process sees it
-    assert lite_config.refresh(cur, str(config_path)) == "current"
+    watcher = lite_config.ConfigWatcher(str(config_path))  # as another process sees it
+    assert watcher.refresh(cur) == "current"
     assert counters(other) == {"hits": 7, "misses": 7}
 
 
-def test_an_older_mtime_is_a_change_too(cur, other, config_path):
-    lite_config.refresh(cur, str(config_path))
+def test_an_older_mtime_is_a_change_too(cur, other, config_path, watcher):
+    watcher.refresh(cur)
     settle(config_path, age_s=3600)  # compared with !=, never >
-    assert lite_config.refresh(cur, str(config_path)) == "applied"
+    assert watcher.refresh(cur) == "applied"
 
 
-def test_every_counter_is_set_new_ones_added_removed_ones_deleted(cur, other, config_path):
-    lite_config.refresh(cur, str(config_path))
+def test_every_counter_is_set_new_ones_added_removed_ones_deleted(cur, other, config_path, watcher):
+    watcher.refresh(cur)
     other.execute("UPDATE counters SET value = 42")
     write_config(config_path, "[counters]\nviews = 5\nmisses = 0\n")
-    assert lite_config.refresh(cur, str(config_path)) == "applied"
+    assert watcher.refresh(cur) == "applied"
     # misses is configured 0 as before: it is set to 0 all the same.
     assert counters(other) == {"views": 5, "misses": 0}
     assert [row[0] for row in other.execute("SELECT name FROM counters ORDER BY position")] == [
@@ -74,33 +77,37 @@ def test_every_counter_is_set_new_ones_added_removed_ones_deleted(cur, other, co
     ]
 
 
-def test_a_recent_file_waits_until_it_has_settled(cur, other, config_path):
-    lite_config.refresh(cur, str(config_path))
+def test_a_recent_file_waits_until_it_has_settled(cur, other, config_path, watcher):
+    watcher.refresh(cur)
     config_path.write_text("[counters]\nhits = 3\n")  # mtime: now
-    assert lite_config.refresh(cur, str(config_path)) == "unsettled"
+    assert watcher.refresh(cur) == "unsettled"
     assert counters(other) == {"hits": 0, "misses": 0}
     time.sleep(lite_config.SETTLE_S + 0.1)
-    assert lite_config.refresh(cur, str(config_path)) == "applied"
+    assert watcher.refresh(cur) == "applied"
     assert counters(other) == {"hits": 3}
 
 
-def test_a_new_database_applies_a_recent_file_at_once(cur, other, config_path):
+def test_a_new_database_applies_a_recent_file_at_once(cur, other, config_path, watcher):
     config_path.write_text("[counters]\nhits = 3\n")  # mtime: now
-    assert lite_config.refresh(cur, str(config_path)) == "applied"
+    assert watcher.refresh(cur) == "applied"
     assert counters(other) == {"hits": 3}
 
 
-def test_a_new_database_waits_for_a_recent_file_that_does_not_parse(cur, other, config_path):
+def test_a_new_database_waits_for_a_recent_file_that_does_not_parse(
+    cur, other, config_path, watcher
+):
     config_path.write_text("[counters]\nhits = ")  # mtime: now, half written
-    assert lite_config.refresh(cur, str(config_path)) == "unsettled"
-    assert other.execute("SELECT count(*) FROM config_state").fetchone()[0] == 0
+    assert watcher.refresh(cur) == "unsettled"
+    assert other.execute("SELECT count(*) FROM lite_config_state").fetchone()[0] == 0
     config_path.write_text("[counters]\nhits = 3\n")
-    assert lite_config.refresh(cur, str(config_path)) == "applied"
+    assert watcher.refresh(cur) == "applied"
     assert counters(other) == {"hits": 3}
 
 
-def test_a_file_that_changes_while_read_is_not_applied(cur, other, config_path, monkeypatch):
-    lite_config.refresh(cur, str(config_path))
+def test_a_file_that_changes_while_read_is_not_applied(
+    cur, other, config_path, monkeypatch, watcher
+):
+    watcher.refresh(cur)
     write_config(config_path, "[counters]\nhits = 3\n")
     real_stat_key = lite_config._stat_key
     calls = []
@@ -112,9 +119,9 @@ def test_a_file_that_changes_while_read_is_not_applied(cur, other, config_path, 
         return real_stat_key(path)
 
     monkeypatch.setattr(lite_config, "_stat_key", stat_key_changing_mid_read)
-    assert lite_config.refresh(cur, str(config_path)) == "unsettled"
+    assert watcher.refresh(cur) == "unsettled"
     assert counters(other) == {"hits": 0, "misses": 0}
-    assert lite_config.refresh(cur, str(config_path)) == "applied"
+    assert watcher.refresh(cur) == "applied"
     assert counters(other) == {"hits": 4, "misses": 1}
 
 
@@ -139,71 +146,76 @@ BAD_CONFIGS = {
 
 
 @pytest.mark.parametrize("content", BAD_CONFIGS.values(), ids=BAD_CONFIGS.keys())
-def test_a_bad_version_is_never_applied_and_logged_once(cur, other, config_path, content, caplog):
-    lite_config.refresh(cur, str(config_path))
+def test_a_bad_version_is_never_applied_and_logged_once(
+    cur, other, config_path, content, caplog, watcher
+):
+    watcher.refresh(cur)
     config_path.write_bytes(content)
     settle(config_path)
     with caplog.at_level(logging.ERROR, logger="lite_config"):
-        assert lite_config.refresh(cur, str(config_path)) == "rejected"
+        assert watcher.refresh(cur) == "rejected"
         for _ in range(5):  # 5 more processes see the same bad version
-            lite_config._seen.clear()
-            assert lite_config.refresh(cur, str(config_path)) == "rejected"
+            watcher = lite_config.ConfigWatcher(str(config_path))
+            assert watcher.refresh(cur) == "rejected"
     assert len(caplog.records) == 1
     assert counters(other) == {"hits": 0, "misses": 0}
     assert audit_count(other) == 1
     # A good version after the bad one is applied as usual.
     write_config(config_path, "[counters]\nhits = 5\n")
-    assert lite_config.refresh(cur, str(config_path)) == "applied"
+    assert watcher.refresh(cur) == "applied"
     assert counters(other) == {"hits": 5}
 
 
-def test_a_missing_or_unreadable_file_keeps_the_last_good_config(cur, other, config_path, caplog):
-    lite_config.refresh(cur, str(config_path))
+def test_a_missing_or_unreadable_file_keeps_the_last_good_config(
+    cur, other, config_path, caplog, watcher
+):
+    watcher.refresh(cur)
     config_path.unlink()
     with caplog.at_level(logging.ERROR, logger="lite_config"):
-        assert lite_config.refresh(cur, str(config_path)) == "rejected"
-        assert lite_config.refresh(cur, str(config_path)) == "unchanged"
+        assert watcher.refresh(cur) == "rejected"
+        assert watcher.refresh(cur) == "unchanged"
     assert "cannot read" in caplog.text
     config_path.mkdir()  # exists, but cannot be read as a file
     settle(config_path)
-    assert lite_config.refresh(cur, str(config_path)) == "rejected"
+    assert watcher.refresh(cur) == "rejected"
     assert counters(other) == {"hits": 0, "misses": 0}
     assert len(caplog.records) == 2
 
 
-def test_database_failure_is_retried_on_the_next_request(db_path, other, config_path, monkeypatch):
-    import lite_db
-
+def test_database_failure_raises_and_is_retried_on_the_next_request(
+    db_path, other, config_path, monkeypatch, watcher
+):
     lite_db.close_all()
     monkeypatch.setattr(lite_db, "LOCK_BUDGET_MS", 100)
     cur = lite_db.cursor(db_path)
+    watcher = lite_config.ConfigWatcher(str(config_path))
     other.execute("BEGIN EXCLUSIVE")
-    assert lite_config.refresh(cur, str(config_path)) == "failed"
+    with pytest.raises(lite_db.Unavailable):
+        watcher.refresh(cur)
     other.execute("ROLLBACK")
-    assert lite_config.refresh(cur, str(config_path)) == "applied"
+    assert watcher.refresh(cur) == "applied"
     cur.close()
 
 
-def test_command_line_applies_at_once(db_path, other, config_path, capsys):
+def test_apply_now_applies_a_fresh_file_at_once(db_path, other, config_path):
     config_path.write_text(CONFIG.replace("hits = 0", "hits = 9"))  # fresh mtime
-    assert lite_config.main([db_path, str(config_path)]) == 0
-    assert "applied" in capsys.readouterr().out
+    assert lite_config.apply_now(db_path, str(config_path)) == "applied"
     assert counters(other) == {"hits": 9, "misses": 0}
-    config_path.write_text("nonsense")
-    assert lite_config.main([db_path, str(config_path)]) == 1
-    assert lite_config.main([]) == 2
+    assert lite_config.apply_now(db_path, str(config_path)) == "current"
 
 
-def test_applied_version_names_fingerprint_time_and_pid(cur, config_path):
+def test_applied_version_names_fingerprint_time_and_pid(cur, config_path, watcher):
     assert lite_config.applied_version(cur) is None
-    lite_config.refresh(cur, str(config_path))
+    watcher.refresh(cur)
     version = lite_config.applied_version(cur)
     assert version["applied_by"] == os.getpid()
     assert abs(version["applied_at"] - time.time()) < 60
 
 
-def test_a_stale_read_never_puts_an_older_version_back(cur, other, config_path, monkeypatch):
-    lite_config.refresh(cur, str(config_path))
+def test_a_stale_read_never_puts_an_older_version_back(
+    cur, other, config_path, monkeypatch, watcher
+):
+    watcher.refresh(cur)
     write_config(config_path, "[counters]\nhits = 1\n", age_s=50)  # version A
     real_parse = lite_config.parse
 
@@ -211,12 +223,13 @@ def test_a_stale_read_never_puts_an_older_version_back(cur, other, config_path, 
         result = real_parse(data)  # this process has read version A ...
         monkeypatch.setattr(lite_config, "parse", real_parse)
         write_config(config_path, "[counters]\nhits = 2\n", age_s=40)  # ... B replaces it
-        lite_config._seen.clear()  # as another process, which applies B
-        assert lite_config.refresh(cur, str(config_path)) == "applied"
+        # as another process, which applies B
+        assert lite_config.ConfigWatcher(str(config_path)).refresh(cur) == "applied"
         return result
 
     monkeypatch.setattr(lite_config, "parse", parse_while_another_process_applies_b)
-    assert lite_config.refresh(cur, str(config_path)) == "unsettled"
+    assert watcher.refresh(cur) == "unsettled"
     assert counters(other) == {"hits": 2}
     assert audit_count(other) == 2
-    assert lite_config.refresh(cur, str(config_path)) == "unchanged"
+    assert watcher.refresh(cur) == "current"  # B, applied by the other process
+    assert watcher.refresh(cur) == "unchanged"

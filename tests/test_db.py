@@ -1,9 +1,11 @@
 """lite_db: connections, pragmas, write transactions, helpers, failures."""
 
 import logging
+import math
 import multiprocessing
 import os
 import sqlite3
+import threading
 import time
 
 import procs
@@ -14,11 +16,14 @@ import lite_db
 
 def test_nothing_is_opened_until_first_use(db_path):
     assert not os.path.exists(db_path)
-    assert db_path not in lite_db._connections
+    assert lite_db.figures()["connections"] == 0
 
 
-def test_one_connection_per_process_and_path(db_path):
-    assert lite_db.connect(db_path) is lite_db.connect(db_path)
+def test_one_connection_per_process_thread_and_path(db_path, tmp_path):
+    conn = lite_db.connect(db_path)
+    assert lite_db.connect(db_path) is conn
+    assert lite_db.connect(str(tmp_path / "other.db")) is not conn
+    assert (conn.path, conn.pid, conn.thread) == (db_path, os.getpid(), threading.current_thread())
 
 
 def test_every_pragma_is_set_on_a_new_connection(db_path):
@@ -50,7 +55,7 @@ def _child_connection_report(db_path, parent_conn_id, queue):
     conn = lite_db.connect(db_path)
     cur = conn.cursor()
     ok = lite_db.transact_one(cur, "UPDATE counters SET value = value + 1 WHERE name = 'x'")
-    queue.put((id(conn) != parent_conn_id, lite_db._connections[db_path][0], ok))
+    queue.put((id(conn) != parent_conn_id, conn.pid, ok))
 
 
 def test_a_connection_opened_before_fork_is_never_used_by_the_child(db_path, cur, other):
@@ -156,12 +161,12 @@ def test_get_reads_one_attribute_by_primary_key(cur, other):
 )
 def test_unknown_names_raise_before_any_sql(cur, other, table, attr):
     other.execute("INSERT INTO counters VALUES ('a', 1, 0)")
-    reads = lite_db.stats["reads"]
+    reads = lite_db.figures()["reads"]
     with pytest.raises(ValueError):
         lite_db.get(cur, table, "a", attr)
     with pytest.raises(ValueError):
         lite_db.upsert(cur, table, {"name": "a", attr: 1})
-    assert lite_db.stats["reads"] == reads
+    assert lite_db.figures()["reads"] == reads
     assert other.execute("SELECT count(*) FROM counters").fetchone()[0] == 1
 
 
@@ -181,23 +186,43 @@ def test_upsert_failure_returns_false(cur, other):
     assert other.execute("SELECT count(*) FROM counters").fetchone()[0] == 0
 
 
-def test_increment_is_exact_and_refuses_to_overflow(cur, other):
+def test_increment_is_exact_and_refuses_to_overflow_in_one_statement(cur, other):
     other.execute("INSERT INTO counters VALUES ('a', ?, 0)", (lite_db.MAX_INTEGER - 2,))
-    assert lite_db.increment(cur, "a", 2) == lite_db.MAX_INTEGER
-    assert lite_db.increment(cur, "a", 1) is None
-    assert lite_db.increment(cur, "missing", 1) is None
-    value = other.execute("SELECT value, typeof(value) FROM counters").fetchone()
+    other.execute("INSERT INTO counters VALUES ('b', 5, 1)")
+    assert lite_db.increment(cur, "a", 2) == ("a", lite_db.MAX_INTEGER)
+    writes = lite_db.figures()["writes"]
+    with pytest.raises(lite_db.WouldOverflow):
+        lite_db.increment(cur, "a", 1)
+    with pytest.raises(lite_db.NoSuchCounter):
+        lite_db.increment(cur, "missing", 1)
+    assert lite_db.figures()["writes"] == writes + 2  # one statement each, no second query
+    assert lite_db.figures()["write_failures"] == 0  # neither is a database failure
+    value = other.execute("SELECT value, typeof(value) FROM counters WHERE name = 'a'").fetchone()
     assert value == (lite_db.MAX_INTEGER, "integer")
     for bad in (0, -1, 1.5, True, "1", 2**63):
         with pytest.raises(ValueError):
             lite_db.increment(cur, "a", bad)
 
 
+def test_without_a_name_the_first_counter_is_meant(cur, other):
+    with pytest.raises(lite_db.NoSuchCounter):
+        lite_db.increment(cur)
+    with pytest.raises(lite_db.NoSuchCounter):
+        lite_db.read_counter(cur)
+    other.execute("INSERT INTO counters VALUES ('second', 5, 1), ('first', 7, 0)")
+    assert lite_db.increment(cur, by=3) == ("first", 10)
+    assert lite_db.read_counter(cur) == ("first", 10)
+    assert lite_db.read_counter(cur, "second") == ("second", 5)
+    other.execute("UPDATE counters SET position = 2 WHERE name = 'first'")
+    assert lite_db.read_counter(cur) == ("second", 5)  # no cache to go stale
+
+
 def test_update_counter_is_read_modify_write_in_one_transaction(cur, other):
     other.execute("INSERT INTO counters VALUES ('a', 3, 0)")
     assert lite_db.update_counter(cur, "a", lambda v: v * 10) == 30
     assert lite_db.update_counter(cur, "a", lambda v: 0) == 0
-    assert lite_db.update_counter(cur, "nope", lambda v: v + 1) is None
+    with pytest.raises(lite_db.NoSuchCounter):
+        lite_db.update_counter(cur, "nope", lambda v: v + 1)
     assert other.execute("SELECT value FROM counters").fetchone()[0] == 0
 
 
@@ -253,9 +278,9 @@ def test_busy_without_wait_is_retried(cur, other):
         cur.execute("INSERT INTO counters VALUES ('a', 1, 0)")
         return "done"
 
-    retries = lite_db.stats["busy_retries"]
+    retries = lite_db.figures()["busy_retries"]
     assert lite_db.transact(cur, work) == "done"
-    assert lite_db.stats["busy_retries"] == retries + 3
+    assert lite_db.figures()["busy_retries"] == retries + 3
     assert other.execute("SELECT count(*) FROM counters").fetchone()[0] == 1
     assert cur.execute("PRAGMA busy_timeout").fetchone()[0] == lite_db.BUSY_POLL_MS
 
@@ -279,9 +304,9 @@ def test_waits_for_the_write_lock_are_fair(db_path, cur, other):
 
 
 def test_other_errors_are_not_retried(cur):
-    retries = lite_db.stats["busy_retries"]
+    retries = lite_db.figures()["busy_retries"]
     assert lite_db.transact_one(cur, "INSERT INTO nope VALUES (1)") is False
-    assert lite_db.stats["busy_retries"] == retries
+    assert lite_db.figures()["busy_retries"] == retries
 
 
 def test_a_lock_held_past_the_budget_fails_logged_and_counted(db_path, other, monkeypatch, caplog):
@@ -290,22 +315,24 @@ def test_a_lock_held_past_the_budget_fails_logged_and_counted(db_path, other, mo
     cur = lite_db.cursor(db_path)
     other.execute("INSERT INTO counters VALUES ('a', 0, 0)")
     other.execute("BEGIN EXCLUSIVE")
-    failures = lite_db.stats["write_failures"]
+    failures = lite_db.figures()["write_failures"]
     started = time.monotonic()
     with caplog.at_level(logging.ERROR, logger="lite_db"):
-        assert lite_db.increment(cur, "a", 1) is False
+        with pytest.raises(lite_db.Unavailable):
+            lite_db.increment(cur, "a", 1)
+        assert lite_db.transact_one(cur, "UPDATE counters SET value = 9") is False
     waited = time.monotonic() - started
-    assert 0.25 < waited < 3
-    assert lite_db.stats["write_failures"] == failures + 1
-    assert len(caplog.records) == 1
+    assert 0.5 < waited < 6
+    assert lite_db.figures()["write_failures"] == failures + 2
+    assert len(caplog.records) == 2  # once per failure, in lite_db only
     assert "locked" in caplog.records[0].getMessage()
     other.execute("ROLLBACK")
-    assert lite_db.increment(cur, "a", 1) == 1
+    assert lite_db.increment(cur, "a", 1) == ("a", 1)
     cur.close()
 
 
 def _add_one(db_path):
-    return lite_db.increment(lite_db.cursor(db_path), "a", 1)
+    return lite_db.increment(lite_db.cursor(db_path), "a", 1)[1]
 
 
 def test_a_short_lock_is_waited_out(db_path, other):
@@ -320,49 +347,66 @@ def test_a_short_lock_is_waited_out(db_path, other):
 def test_read_failure_returns_none_logged_and_counted(cur, other, caplog):
     assert lite_db.get(cur, "counters", "a", "value") is None  # no row: fine
     other.execute("DROP TABLE counters")  # behind lite's back: reads now fail
-    failures = lite_db.stats["read_failures"]
+    failures = lite_db.figures()["read_failures"]
     with caplog.at_level(logging.ERROR, logger="lite_db"):
         assert lite_db.get(cur, "counters", "a", "value", default=0) is None
-        assert lite_db.select(cur, "SELECT * FROM counters") is None
-    assert lite_db.stats["read_failures"] == failures + 2
+        with pytest.raises(sqlite3.OperationalError):  # not Unavailable: the schema is wrong
+            lite_db.query(cur, "SELECT * FROM counters")
+    assert lite_db.figures()["read_failures"] == failures + 2
     assert len(caplog.records) == 2
     assert "no such table" in caplog.text
 
 
-def test_an_unopenable_database_gives_no_cursor(tmp_path, caplog):
-    path = str(tmp_path / "no" / "such" / "dir" / "x.db")
-    with caplog.at_level(logging.ERROR, logger="lite_db"):
-        assert lite_db.cursor(path) is None
+class _AlwaysBusyCursor(sqlite3.Cursor):
+    def execute(self, sql, params=()):
+        if sql.startswith("PRAGMA busy_timeout"):
+            return super().execute(sql, params)
+        exc = sqlite3.OperationalError("database is locked")
+        exc.sqlite_errorcode = sqlite3.SQLITE_BUSY
+        raise exc
+
+
+def test_a_read_busy_past_the_budget_raises_unavailable(db_path, monkeypatch, caplog):
+    monkeypatch.setattr(lite_db, "LOCK_BUDGET_MS", 200)
+    cur = lite_db.connect(db_path).cursor(factory=_AlwaysBusyCursor)
+    started = time.monotonic()
+    with caplog.at_level(logging.ERROR, logger="lite_db"), pytest.raises(lite_db.Unavailable):
+        lite_db.query(cur, "SELECT 1")
+    assert 0.2 <= time.monotonic() - started < 2
+    assert lite_db.figures()["busy_retries"] > 10
+    assert lite_db.figures()["read_failures"] == 1
+    assert len(caplog.records) == 1
+
+
+def test_a_missing_directory_is_unavailable_and_the_log_says_so(tmp_path, caplog):
+    directory = tmp_path / "no" / "such" / "dir"
+    path = str(directory / "x.db")
+    with caplog.at_level(logging.ERROR, logger="lite_db"), pytest.raises(lite_db.Unavailable):
+        lite_db.cursor(path)
     assert path in caplog.text
+    assert f"the directory {directory} does not exist" in caplog.text
+    assert "chown" not in caplog.text
+    assert lite_db.figures()["read_failures"] == 1
+
+
+def test_an_sqlite_older_than_needed_is_refused_with_both_versions(db_path, monkeypatch):
+    monkeypatch.setattr(sqlite3, "sqlite_version_info", (3, 31, 1))
+    monkeypatch.setattr(sqlite3, "sqlite_version", "3.31.1")
+    with pytest.raises(RuntimeError, match=r"SQLite 3\.31\.1 is too old: lite needs 3\.37\.0"):
+        lite_db.connect(db_path)
+    assert not os.path.exists(db_path)
 
 
 def test_writes_checkpoint_the_wal_at_most_once_per_interval(cur, other, monkeypatch):
     other.execute("INSERT INTO counters VALUES ('a', 0, 0)")
     monkeypatch.setattr(lite_db, "CHECKPOINT_INTERVAL_S", 3600)
-    lite_db._last_checkpoint.clear()
-    before = lite_db.stats["checkpoints"]
+    cur.connection.last_checkpoint = -math.inf  # never
+    before = lite_db.figures()["checkpoints"]
     for _ in range(50):
         assert lite_db.increment(cur, "a", 1)
-    assert lite_db.stats["checkpoints"] == before + 1  # the first write's
+    assert lite_db.figures()["checkpoints"] == before + 1  # the first write's
     monkeypatch.setattr(lite_db, "CHECKPOINT_INTERVAL_S", 0)
     for _ in range(3):
         assert lite_db.increment(cur, "a", 1)
-    assert lite_db.stats["checkpoints"] == before + 4
+    assert lite_db.figures()["checkpoints"] == before + 4
     assert other.execute("SELECT value FROM counters").fetchone()[0] == 53
-
-
-def test_a_database_made_by_an_older_lite_gets_the_new_tables_and_keeps_its_data(db_path):
-    old = sqlite3.connect(db_path)
-    old.executescript(
-        """
-        CREATE TABLE counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL,
-                               position INTEGER NOT NULL) STRICT;
-        INSERT INTO counters VALUES ('hits', 41, 0);
-        """
-    )
-    old.close()
-    cur = lite_db.cursor(db_path)
-    assert cur.execute("PRAGMA user_version").fetchone()[0] == lite_db.SCHEMA_VERSION
-    tables = {row[0] for row in cur.execute("SELECT name FROM sqlite_schema WHERE type='table'")}
-    assert {"counters", "config_state", "config_audit", "idempotency_keys", "health"} <= tables
-    assert lite_db.increment_once(cur, "hits", 1, "k") == (42, False)

@@ -322,7 +322,7 @@ def test_a_data_directory_the_daemon_user_cannot_write(public_tmp_path):
     tmp_path = public_tmp_path
     code = tmp_path / "code"
     code.mkdir()
-    for name in ("lite_app.py", "lite_db.py", "lite_config.py", "config.ini"):
+    for name in (*deploy.APP_FILES, "config.ini"):
         shutil.copy(os.path.join(deploy.ROOT, name), code)
     shutil.copy(bottle.__file__, code)
     data = tmp_path / "data"

@@ -52,13 +52,13 @@ def test_a_failed_increment_stores_no_key(app, other):
     keyed(app, "k-full", status=409)
     other.execute("UPDATE counters SET value = 0 WHERE name = 'hits'")
     assert keyed(app, "k-full").json["value"] == 1  # the key was not used up
-    assert other.execute("SELECT count(*) FROM idempotency_keys").fetchone()[0] == 1
+    assert other.execute("SELECT count(*) FROM lite_idempotency_keys").fetchone()[0] == 1
 
 
 def test_an_expired_key_applies_again(app, other):
     keyed(app, "old")
     other.execute(
-        "UPDATE idempotency_keys SET created_at = ? WHERE key = 'old'",
+        "UPDATE lite_idempotency_keys SET created_at = ? WHERE key = 'old'",
         (time.time() - lite_db.IDEMPOTENCY_TTL_S - 1,),
     )
     assert keyed(app, "old").json["value"] == 2  # applied again, stored anew
@@ -68,21 +68,21 @@ def test_an_expired_key_applies_again(app, other):
 
 
 def test_expired_keys_are_pruned_in_bounded_batches(app, other, monkeypatch):
-    app.get("/lite/get")
+    keyed(app, "fresh-0")  # makes the keys' table; prunes nothing for PRUNE_INTERVAL_S
     expired = time.time() - lite_db.IDEMPOTENCY_TTL_S - 10
     other.executemany(
-        "INSERT INTO idempotency_keys VALUES (?, 'hits', 1, 1, ?)",
+        "INSERT INTO lite_idempotency_keys VALUES (?, 'hits', 1, 1, ?)",
         [(f"e{i}", expired) for i in range(lite_db.PRUNE_BATCH * 2 + 7)],
     )
-    count = "SELECT count(*) FROM idempotency_keys"
-    keyed(app, "fresh-1")
-    assert other.execute(count).fetchone()[0] == lite_db.PRUNE_BATCH + 7 + 1
-    keyed(app, "fresh-2")  # within PRUNE_INTERVAL_S: no pruning
-    assert other.execute(count).fetchone()[0] == lite_db.PRUNE_BATCH + 7 + 2
+    count = "SELECT count(*) FROM lite_idempotency_keys"
+    keyed(app, "fresh-1")  # within PRUNE_INTERVAL_S: no pruning
+    assert other.execute(count).fetchone()[0] == lite_db.PRUNE_BATCH * 2 + 7 + 2
     monkeypatch.setattr(lite_db, "PRUNE_INTERVAL_S", 0)
+    keyed(app, "fresh-2")
+    assert other.execute(count).fetchone()[0] == lite_db.PRUNE_BATCH + 7 + 3
     keyed(app, "fresh-3")
     keyed(app, "fresh-4")
-    assert other.execute(count).fetchone()[0] == 4  # only the live keys are left
+    assert other.execute(count).fetchone()[0] == 5  # only the live keys are left
 
 
 def _send_keys(db_path, config_path, keys, start):

@@ -12,11 +12,12 @@ import webtest
 
 import lite_app
 import lite_db
+import lite_ops
 
 
 def test_health_is_ok_and_really_writes(app, other):
     assert app.get("/lite/health", status=200).json == {"status": "ok"}
-    assert other.execute("SELECT count(*) FROM health").fetchone()[0] == 1
+    assert other.execute("SELECT count(*) FROM lite_health").fetchone()[0] == 1
 
 
 def test_health_is_503_with_the_reason_when_writes_cannot_get_through(other, impatient_app):
@@ -55,7 +56,7 @@ def _serve_requests(db_path, config_path, requests, done, leave):
     app = webtest.TestApp(lite_app.make_app(db_path=db_path, config_path=config_path))
     for _ in range(requests):
         app.post("/lite/inc", {"counter": "hits"})
-    time.sleep(lite_db.STATS_INTERVAL_S)
+    time.sleep(lite_ops.FIGURES_INTERVAL_S)
     app.get("/lite/get")  # the interval has passed: publishes the figures
     done.set()
     leave.wait(60)
@@ -87,7 +88,7 @@ def test_stats_show_every_live_process_and_forget_those_that_exited(db_path, con
     assert stats["process_count"] == 3
     after = app.get("/lite/stats").json
     assert [figures["pid"] for figures in after["processes"]] == [os.getpid()]
-    assert sorted(os.listdir(lite_db.stats_dir(db_path))) == [f"{os.getpid()}.json"]
+    assert sorted(os.listdir(lite_ops.figures_dir(db_path))) == [f"{os.getpid()}.json"]
 
 
 def test_the_page_shows_live_figures(app):
@@ -149,7 +150,7 @@ def test_backup_under_write_load_is_consistent(db_path, app, other, tmp_path):
     time.sleep(3)  # the writers are running
     before = other.execute("SELECT value FROM counters WHERE name = 'hits'").fetchone()[0]
     dest = tmp_path / "copy.db"
-    assert lite_db.backup(db_path, str(dest)) is True
+    assert lite_ops.backup(db_path, str(dest)) is True
     after = other.execute("SELECT value FROM counters WHERE name = 'hits'").fetchone()[0]
     results = procs.finish(*running, timeout_s=120)
     copy = sqlite3.connect(dest)
@@ -167,17 +168,29 @@ def test_backup_never_overwrites_and_cleans_up_a_failure(db_path, app, tmp_path)
     dest = tmp_path / "copy.db"
     dest.write_text("precious")
     with pytest.raises(ValueError, match="never overwrites"):
-        lite_db.backup(db_path, str(dest))
+        lite_ops.backup(db_path, str(dest))
     assert dest.read_text() == "precious"
     unwritable = tmp_path / "no" / "such" / "dir" / "copy.db"
-    assert lite_db.backup(db_path, str(unwritable)) is False
+    assert lite_ops.backup(db_path, str(unwritable)) is False
     assert not unwritable.exists()
 
 
-def test_backup_command_line(db_path, app, tmp_path, capsys):
+def test_the_command_line_backs_up_checks_and_applies_config(
+    db_path, app, tmp_path, config_path, capsys
+):
     app.get("/lite", status=200)
     dest = tmp_path / "copy.db"
-    assert lite_db.main(["backup", db_path, str(dest)]) == 0
+    assert lite_ops.main(["backup", db_path, str(dest)]) == 0
     assert "copied" in capsys.readouterr().out
-    assert lite_db.main(["backup", db_path, str(dest)]) == 1
-    assert lite_db.main(["restore"]) == 2
+    assert lite_ops.main(["backup", db_path, str(dest)]) == 1  # never overwrites
+    assert lite_ops.main(["check", str(dest)]) == 0
+    assert "ok" in capsys.readouterr().out
+    broken = tmp_path / "broken.db"
+    broken.write_bytes(dest.read_bytes()[:4096] + b"\0" * 4096)
+    assert lite_ops.main(["check", str(broken)]) == 1
+    assert lite_ops.main(["check", str(tmp_path / "missing.db")]) == 1
+    config_path.write_text("[counters]\nviews = 3\n")  # fresh: applied at once all the same
+    assert lite_ops.main(["apply-config", db_path, str(config_path)]) == 0
+    assert "applied" in capsys.readouterr().out
+    assert lite_ops.main(["restore"]) == 2
+    assert lite_ops.main([]) == 2

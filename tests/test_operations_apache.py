@@ -70,7 +70,7 @@ def test_backup_under_write_load_then_restore(deployment):
     copy = sqlite3.connect(backup)
     assert copy.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
     copied = copy.execute("SELECT value FROM counters WHERE name = 'hits'").fetchone()[0]
-    audit_in_backup = copy.execute("SELECT count(*) FROM config_audit").fetchone()[0]
+    audit_in_backup = copy.execute("SELECT count(*) FROM lite_config_audit").fetchone()[0]
     copy.close()
     assert before < during <= copied <= after
     assert os.stat(backup).st_uid == 0

@@ -1,0 +1,264 @@
+"""Operating a lite database: health, figures shared between processes, backup, checks.
+
+Contract:
+- `health(cur)` reads and writes within the lock budget; it returns None when
+  both work, else the reason. Its one row lives in `lite_health`, made on
+  first use.
+- `publish_figures(path, figures)` shares one process's figures with every
+  process through a file per pid, renamed into place (no database lock, no
+  fsync); `published_figures(path)` reads those of the live processes.
+- `backup(path, dest)` copies the live database consistently (SQLite's
+  backup API, one step) and checks the copy; `check(path)` runs
+  `PRAGMA integrity_check` on a file, read-only. Both return False (logged)
+  on failure and never overwrite.
+- Command line: `python -m lite_ops backup DB DEST | check DB |
+  apply-config DB CONFIG`; exit status 0 on success, 1 on failure, 2 on
+  bad usage.
+"""
+
+import contextlib
+import json
+import logging
+import os
+import sqlite3
+import sys
+import time
+from typing import Any
+
+import lite_config
+import lite_db
+
+FIGURES_INTERVAL_S = 1.0  # 1 s: least time between two publications of a process's figures
+HEALTH_TABLES = (
+    "CREATE TABLE IF NOT EXISTS lite_health ("
+    " id INTEGER PRIMARY KEY CHECK (id = 1), checked_at REAL NOT NULL,"
+    " pid INTEGER NOT NULL) STRICT",
+)
+
+log = logging.getLogger(__name__)
+
+
+def health(cur: sqlite3.Cursor) -> str | None:
+    """Check that the database can be read and written now.
+
+    Reads the counters and writes the one row of lite_health, each within
+    the lock budget. Returns None when both work, else the reason ("read
+    failed" or "write failed"; the details are logged).
+    """
+    try:
+        lite_db.ensure_counters(cur)
+        lite_db.query(cur, "SELECT count(*) FROM counters")
+    except lite_db.Unavailable:
+        return "read failed"
+    try:
+        lite_db.ensure_tables(cur, "health", 1, HEALTH_TABLES)
+        lite_db.write(
+            cur,
+            lambda cur: cur.execute(
+                "INSERT INTO lite_health (id, checked_at, pid) VALUES (1, ?, ?) ON CONFLICT (id)"
+                " DO UPDATE SET checked_at = excluded.checked_at, pid = excluded.pid",
+                (time.time(), os.getpid()),
+            ),
+        )
+    except lite_db.Unavailable:
+        return "write failed"
+    return None
+
+
+def figures_dir(path: str) -> str:
+    """Where the processes using the database at `path` publish their figures."""
+    return path + "-stats"
+
+
+class FigurePublisher:
+    """Publishes one process's figures for the database at `path`, at most once per interval."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.published_at = 0.0  # time.monotonic()
+        self.failed = False  # a failure is logged once
+
+    def publish(self, figures: dict[str, Any], now: bool = False) -> bool:
+        """Write `figures` to figures_dir(path)/<pid>.json; unless `now`, at most once per interval.
+
+        Through a rename, so a reader sees the old or the new figures, never
+        half. Returns False on failure (logged once) or when not due.
+        """
+        moment = time.monotonic()
+        if not now and moment - self.published_at < FIGURES_INTERVAL_S:
+            return False
+        self.published_at = moment
+        directory = figures_dir(self.path)
+        name = os.path.join(directory, f"{os.getpid()}.json")
+        try:
+            os.makedirs(directory, mode=0o700, exist_ok=True)
+            with open(name + ".tmp", "w", encoding="utf-8") as out:
+                json.dump(figures, out)
+            os.replace(name + ".tmp", name)
+        except (OSError, TypeError, ValueError) as exc:
+            if not self.failed:
+                log.warning("cannot publish figures to %s: %s", directory, exc)
+                self.failed = True
+            return False
+        return True
+
+
+def published_figures(path: str) -> list[dict[str, Any]]:
+    """The figures every live process published for `path`, by pid.
+
+    Files of processes that have exited are removed; unreadable ones are
+    skipped (a process may be writing its first file).
+    """
+    directory = figures_dir(path)
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return []
+    found = []
+    for name in sorted(names):
+        pid_text, _, suffix = name.partition(".")
+        if suffix != "json" or not pid_text.isdigit():
+            continue
+        file_name = os.path.join(directory, name)
+        if not _running(int(pid_text)):
+            with contextlib.suppress(OSError):
+                os.remove(file_name)
+            continue
+        try:
+            with open(file_name, encoding="utf-8") as source:
+                figures = json.load(source)
+        except (OSError, ValueError):
+            continue
+        if isinstance(figures, dict):
+            found.append(figures)
+    found.sort(key=lambda figures: figures.get("pid", 0))
+    return found
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, owned by another user
+        return True
+    return True
+
+
+def database_figures(cur: sqlite3.Cursor) -> dict[str, Any]:
+    """Settings read back from the live connection, and the files' sizes.
+
+    Raises lite_db.Unavailable.
+    """
+    synchronous_names = {0: "OFF", 1: "NORMAL", 2: "FULL", 3: "EXTRA"}
+    path = cur.connection.path
+    rows = lite_db.query(
+        cur,
+        "SELECT * FROM pragma_journal_mode, pragma_synchronous, pragma_busy_timeout,"
+        " pragma_journal_size_limit, pragma_page_size, pragma_page_count",
+    )
+    journal_mode, synchronous, busy_timeout, size_limit, page_size, page_count = rows[0]
+    return {
+        "journal_mode": journal_mode,
+        "synchronous": synchronous_names.get(synchronous, "?"),
+        "busy_timeout_ms": busy_timeout,
+        "lock_budget_ms": lite_db.LOCK_BUDGET_MS,
+        "journal_size_limit_bytes": size_limit,
+        "page_size": page_size,
+        "page_count": page_count,
+        "db_bytes": _size(path),
+        "wal_bytes": _size(path + "-wal"),
+    }
+
+
+def _size(name: str) -> int:
+    try:
+        return os.path.getsize(name)
+    except OSError:
+        return 0
+
+
+def backup(path: str, dest: str) -> bool:
+    """Copy the live database at `path` to the new file `dest`, consistently.
+
+    SQLite's online backup API, in one step: the copy is the database as of
+    one moment, taken inside one read transaction, which in WAL mode blocks
+    no writer. (Copying page by page would start over each time another
+    process commits, so under steady writes it might never end.) Returns
+    True, or False on failure (logged; a partial `dest` is removed). Raises
+    ValueError if `dest` exists.
+    """
+    if os.path.exists(dest):
+        raise ValueError(f"{dest} exists: backup never overwrites")
+    try:
+        source = lite_db.connect(path)
+        target = sqlite3.connect(dest)
+        try:
+            source.backup(target)
+            ok = target.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+        finally:
+            target.close()
+        if not ok:
+            raise sqlite3.DatabaseError("the copy failed its integrity check")
+    except (sqlite3.Error, lite_db.Unavailable) as exc:
+        log.error("backup of %s to %s failed: %s", path, dest, exc)
+        if os.path.exists(dest):
+            os.remove(dest)
+        return False
+    return True
+
+
+def check(path: str) -> bool:
+    """True if the file at `path` is a sound SQLite database (read-only; logged if not)."""
+    if not os.path.isfile(path):
+        log.error("check of %s: no such file", path)
+        return False
+    try:
+        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+        try:
+            result = conn.execute("PRAGMA integrity_check").fetchone()[0]
+        finally:
+            conn.close()
+    except sqlite3.Error as exc:
+        log.error("check of %s failed: %s", path, exc)
+        return False
+    if result != "ok":
+        log.error("check of %s: %s", path, result)
+    return result == "ok"
+
+
+USAGE = """usage: python -m lite_ops COMMAND ...
+  backup DB DEST          an online, consistent copy of DB (never overwrites DEST)
+  check DB                PRAGMA integrity_check of DB, read-only
+  apply-config DB CONFIG  apply CONFIG to DB now (once per version, as the app does)"""
+
+
+def main(argv: list[str]) -> int:
+    """The command line; returns the exit status."""
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    command, args = (argv[0], argv[1:]) if argv else ("", [])
+    if command == "backup" and len(args) == 2:
+        try:
+            ok = backup(*args)
+        except ValueError as exc:
+            print(f"backup: {exc}", file=sys.stderr)
+            return 1
+        print(f"backup: {args[0]} copied to {args[1]}" if ok else "backup: failed (see above)")
+        return 0 if ok else 1
+    if command == "check" and len(args) == 1:
+        ok = check(args[0])
+        print(f"check: {args[0]} {'ok' if ok else 'FAILED (see above)'}")
+        return 0 if ok else 1
+    if command == "apply-config" and len(args) == 2:
+        try:
+            outcome = lite_config.apply_now(*args)
+        except lite_db.Unavailable:
+            outcome = "failed (see above)"
+        print(f"config {args[1]}: {outcome}")
+        return 0 if outcome in ("applied", "current") else 1
+    print(USAGE, file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

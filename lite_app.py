@@ -271,7 +271,7 @@ class LitePlugin:
             finally:
                 cur.close()
                 self.requests += 1
-                self.publisher.publish(self.figures())
+                self.publisher.publish(self.figures)
 
         return wrapper
 
@@ -282,7 +282,7 @@ class LitePlugin:
 def _stats(plugin: LitePlugin, cur: sqlite3.Cursor) -> dict[str, Any]:
     """Figures of every live process using the database, their sums, and the database's."""
     own = plugin.figures()
-    plugin.publisher.publish(own, now=True)
+    plugin.publisher.publish(lambda: own, now=True)
     processes = [
         p for p in lite_ops.published_figures(plugin.db_path) if p.get("pid") != own["pid"]
     ]

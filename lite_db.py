@@ -812,7 +812,11 @@ def ensure_counters(cur: sqlite3.Cursor) -> None:
     """
     if "counters" in cur.connection.tables_ready:
         return
-    found = cur.execute("SELECT name FROM pragma_table_info('counters')").fetchall()
+    found = _read(
+        cur,
+        lambda: cur.execute("SELECT name FROM pragma_table_info('counters')").fetchall(),
+        "columns of counters",
+    )
     if found and [row[0] for row in found] != ["name", "value", "position"]:
         raise ValueError("this database has a table named counters that is not lite's")
     ensure_tables(cur, "counters", 1, COUNTERS_TABLES)

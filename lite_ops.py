@@ -23,6 +23,7 @@ import os
 import sqlite3
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 import lite_config
@@ -78,11 +79,12 @@ class FigurePublisher:
         self.published_at = 0.0  # time.monotonic()
         self.failed = False  # a failure is logged once
 
-    def publish(self, figures: dict[str, Any], now: bool = False) -> bool:
-        """Write `figures` to figures_dir(path)/<pid>.json; unless `now`, at most once per interval.
+    def publish(self, figures: Callable[[], dict[str, Any]], now: bool = False) -> bool:
+        """Write figures() to figures_dir(path)/<pid>.json; unless `now`, at most once per interval.
 
-        Through a rename, so a reader sees the old or the new figures, never
-        half. Returns False on failure (logged once) or when not due.
+        `figures` is called only when the figures are due. Written through a
+        rename, so a reader sees the old or the new figures, never half.
+        Returns False on failure (logged once) or when not due.
         """
         moment = time.monotonic()
         if not now and moment - self.published_at < FIGURES_INTERVAL_S:
@@ -93,7 +95,7 @@ class FigurePublisher:
         try:
             os.makedirs(directory, mode=0o700, exist_ok=True)
             with open(name + ".tmp", "w", encoding="utf-8") as out:
-                json.dump(figures, out)
+                json.dump(figures(), out)
             os.replace(name + ".tmp", name)
         except (OSError, TypeError, ValueError) as exc:
             if not self.failed:

@@ -136,8 +136,10 @@ def test_bad_config_versions_keep_the_last_good_one(deployment):
     bad = []
     try:
         # A torn in-place write: half a file, left there past the settle time.
-        with open(deployment.config, "w") as f:
-            f.write("[counters]\nhits = 0\nmisses = 0\ngood = ")
+        # (Cut down in place rather than truncated first: a writer stalled
+        # past the settle time would leave an empty file, a bad version too.)
+        with open(deployment.config, "r+") as f:
+            f.truncate(len(good) - len("7\n"))
         bad.append("torn")
         time.sleep(2)
         deployment.write_config("this is not an ini file\n")

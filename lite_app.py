@@ -1,4 +1,4 @@
-"""lite's web app: Bottle routes over lite_db, with config.ini kept applied.
+"""lite's web app: Bottle routes over lite_counters and lite_db, with config.ini kept applied.
 
 Routes (the app is mounted at the server root):
 - GET  /lite                 a page with every counter and a button to add 1
@@ -45,6 +45,7 @@ from urllib.parse import SplitResult, urlsplit
 import bottle
 
 import lite_config
+import lite_counters
 import lite_db
 import lite_ops
 
@@ -194,17 +195,17 @@ def _increment(cur: sqlite3.Cursor, name: str | None, by: int, key: str | None =
     """Increment, once per key if a key is given: {"counter": name, "value": new or stored}."""
     try:
         if key is None:
-            name, value = lite_db.increment(cur, name, by)
+            name, value = lite_counters.increment(cur, name, by)
         else:
-            name, value, replayed = lite_db.increment_once(cur, name, by, key)
+            name, value, replayed = lite_counters.increment_once(cur, name, by, key)
             if replayed:
                 bottle.response.set_header("Idempotent-Replayed", "true")
-    except lite_db.NoSuchCounter:
+    except lite_counters.NoSuchCounter:
         raise _no_counter(name) from None
-    except lite_db.WouldOverflow:
+    except lite_counters.WouldOverflow:
         counter = name or "the first counter"
-        raise _json(409, {"error": f"{counter} would pass {lite_db.MAX_INTEGER}"}) from None
-    except lite_db.KeyReused as exc:
+        raise _json(409, {"error": f"{counter} would pass {lite_counters.MAX_INTEGER}"}) from None
+    except lite_counters.KeyReused as exc:
         raise _json(422, {"error": str(exc)}) from None
     return {"counter": name, "value": value}
 
@@ -342,7 +343,7 @@ def make_app(db_path: str | None = None, config_path: str | None = None) -> bott
 
     @app.get("/lite")
     def page(db: sqlite3.Cursor) -> str:
-        lite_db.ensure_counters(db)
+        lite_counters.ensure_counters(db)
         counters = lite_db.query(db, "SELECT name, value FROM counters ORDER BY position")
         figures = _stats(bottle.request.app.config["lite.plugin"], db)
         bottle.response.set_header("Cache-Control", "no-store")
@@ -367,8 +368,8 @@ def make_app(db_path: str | None = None, config_path: str | None = None) -> bott
     def get_counter(db: sqlite3.Cursor) -> dict[str, Any]:
         name = _counter_name()
         try:
-            name, value = lite_db.read_counter(db, name)
-        except lite_db.NoSuchCounter:
+            name, value = lite_counters.read_counter(db, name)
+        except lite_counters.NoSuchCounter:
             raise _no_counter(name) from None
         return {"counter": name, "value": value}
 

@@ -41,6 +41,7 @@ import sqlite3
 import time
 from typing import Any
 
+import lite_counters
 import lite_db
 
 CONFIG_MAX_BYTES = 64 * 1024  # 64 KiB: a larger file is refused
@@ -100,7 +101,7 @@ def parse(data: bytes) -> dict[str, int]:
     for name, value in parser.items("counters"):
         if not COUNTER_NAME.match(name):
             raise ConfigError(f"bad counter name {name!r}: use a-z, 0-9, _ and -")
-        if not _INTEGER.match(value) or not -(2**63) <= int(value) <= lite_db.MAX_INTEGER:
+        if not _INTEGER.match(value) or not -(2**63) <= int(value) <= lite_counters.MAX_INTEGER:
             raise ConfigError(f"counter {name!r}: {value!r} is not a 64-bit integer")
         counters[name] = int(value)
     if not counters:
@@ -189,7 +190,7 @@ def _reject(cur: sqlite3.Cursor, fingerprint: str) -> str:
 
 
 def _ensure_tables(cur: sqlite3.Cursor) -> None:
-    lite_db.ensure_counters(cur)
+    lite_counters.ensure_counters(cur)
     lite_db.ensure_tables(cur, "config", TABLES_VERSION, TABLES)
 
 
@@ -251,12 +252,20 @@ class ConfigWatcher:
                 return "unsettled"
         except ConfigError as exc:
             fingerprint = f"bad-{key}"
-            if lite_db.write(cur, lambda cur: _reject(cur, fingerprint)) == "new":
+
+            def reject_config(cur: sqlite3.Cursor) -> str:
+                return _reject(cur, fingerprint)
+
+            if lite_db.write(cur, reject_config) == "new":
                 self.rejected += 1
                 log.error("config %s not applied, keeping the last good one: %s", self.path, exc)
             self.seen = key
             return "rejected"
-        outcome = lite_db.write(cur, lambda cur: _apply(cur, self.path, key, fingerprint, counters))
+
+        def apply_config(cur: sqlite3.Cursor) -> str:
+            return _apply(cur, self.path, key, fingerprint, counters)
+
+        outcome = lite_db.write(cur, apply_config)
         if outcome == "unsettled":
             return outcome
         self.seen = key

@@ -9,7 +9,8 @@ Contract:
   Nothing is opened at import.
 - Opening a database creates no table. Each feature creates its tables when
   first used (`ensure_tables`), named `lite_*` beside the demo's `counters`,
-  and records its schema version in `lite_schema`. lite never writes
+  and records its schema version in `lite_schema`; a database made by lite
+  0.1 gets its tables renamed, once. lite never writes
   `PRAGMA user_version`: that number is the user's.
 - Every new connection gets WAL, `synchronous` (NORMAL, or FULL through
   `LITE_SYNCHRONOUS=FULL`), a busy timeout, foreign keys and a journal size
@@ -29,8 +30,8 @@ Contract:
   `ValueError` before any SQL runs. The original's helpers are the thin
   outer layer: `transact`, `transact_one`, `transact_many` and `upsert`
   return False on failure, `get` returns None.
-- Read-modify-write: in `transact` with a callable (see `update_counter`), or
-  as one statement (`increment`). Never with `upsert`: an upsert computes its
+- Read-modify-write: in `write` (or `transact`) with a callable, or as one
+  statement (lite_counters shows both). Never with `upsert`: an upsert computes its
   new row from values the caller read earlier, outside the write lock, so two
   processes that read the same value both write value + 1 and one update is
   lost without any error.
@@ -59,13 +60,8 @@ JOURNAL_SIZE_LIMIT_BYTES = 4 * 1024 * 1024  # 4 MiB: -wal size kept after a chec
 CHECKPOINT_INTERVAL_S = 1.0  # 1 s: least time between two checkpoints of one connection
 CHECKPOINT_WAIT_MS = 100  # 100 ms: longest wait of a RESTART checkpoint for readers
 WAL_FRAME_HEADER_BYTES = 24  # each page in the WAL is preceded by a 24-byte header
-IDEMPOTENCY_TTL_S = 24 * 3600  # 24 h: how long an Idempotency-Key is remembered
-PRUNE_INTERVAL_S = 10.0  # 10 s: least time between two prunings of expired keys by a connection
-PRUNE_BATCH = 500  # expired keys removed by one pruning, at most
 SYNCHRONOUS_MODES = ("NORMAL", "FULL")
-MAX_INTEGER = 2**63 - 1  # largest value SQLite stores as an INTEGER
 SQLITE_NEEDED = (3, 37, 0)  # RETURNING came in 3.35, STRICT tables in 3.37
-SQLITE_CONSTRAINT_DATATYPE = 3091  # a STRICT column refused a value (e.g. an overflow to REAL)
 # Primary result codes that mean "the database cannot be reached now".
 UNREACHABLE_CODES = {
     sqlite3.SQLITE_PERM,
@@ -84,18 +80,6 @@ UNREACHABLE_CODES = {
 _SCHEMA_TABLE = (
     "CREATE TABLE IF NOT EXISTS lite_schema ("
     " feature TEXT PRIMARY KEY, version INTEGER NOT NULL) STRICT",
-)
-# The demo's counters, and the Idempotency-Key feature: their tables.
-COUNTERS_TABLES = (
-    "CREATE TABLE IF NOT EXISTS counters ("
-    " name TEXT PRIMARY KEY, value INTEGER NOT NULL, position INTEGER NOT NULL) STRICT",
-)
-IDEMPOTENCY_TABLES = (
-    "CREATE TABLE IF NOT EXISTS lite_idempotency_keys ("
-    " key TEXT PRIMARY KEY, counter TEXT NOT NULL, by INTEGER NOT NULL,"
-    " value INTEGER NOT NULL, created_at REAL NOT NULL) STRICT",
-    "CREATE INDEX IF NOT EXISTS lite_idempotency_keys_created_at"
-    " ON lite_idempotency_keys (created_at)",
 )
 # A database made by lite 0.1 has these tables and PRAGMA user_version 3.
 _LITE_0_1_USER_VERSION = 3
@@ -118,7 +102,6 @@ _LITE_0_1_CONFIG_STATE_COLUMNS = (
 log = logging.getLogger(__name__)
 
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
-_OVERFLOW = object()  # what an increment's statement gives when the sum would pass MAX_INTEGER
 
 # Called with (event, amount) on each event; see Figures for the events.
 listeners: list[Callable[[str, float], None]] = []
@@ -134,23 +117,6 @@ class Unavailable(Exception):
     def __init__(self, reason: str) -> None:
         super().__init__(reason)
         self.reason = reason
-
-
-class NoSuchCounter(LookupError):
-    """No counter of that name (or none at all, when the default was asked for)."""
-
-
-class WouldOverflow(ArithmeticError):
-    """The increment would take the counter past MAX_INTEGER; nothing was written."""
-
-
-class KeyReused(ValueError):
-    """An Idempotency-Key already used for another counter or step."""
-
-    def __init__(self, counter: str, by: int) -> None:
-        super().__init__(f"Idempotency-Key already used to add {by} to {counter}")
-        self.counter = counter
-        self.by = by
 
 
 @dataclass
@@ -312,7 +278,11 @@ def _upgrade_lite_0_1(conn: Connection) -> None:
             for old, new in _LITE_0_1_RENAMES.items():
                 conn.execute(f"ALTER TABLE {old} RENAME TO {new}")
             conn.execute("DROP INDEX IF EXISTS idempotency_keys_created_at")
-            for statement in (*IDEMPOTENCY_TABLES, *_SCHEMA_TABLE):
+            conn.execute(
+                "CREATE INDEX lite_idempotency_keys_created_at"
+                " ON lite_idempotency_keys (created_at)"
+            )
+            for statement in _SCHEMA_TABLE:
                 conn.execute(statement)
             conn.executemany(
                 "INSERT INTO lite_schema (feature, version) VALUES (?, 1)",
@@ -660,15 +630,20 @@ def query(cur: sqlite3.Cursor, sql: str, params: Sequence[Any] = ()) -> list[sql
     return _read(cur, lambda: cur.execute(sql, params).fetchall(), "query")
 
 
-def write(cur: sqlite3.Cursor, work: Callable[[sqlite3.Cursor], Any]) -> Any:
+def write(
+    cur: sqlite3.Cursor, work: Callable[[sqlite3.Cursor], Any], one_statement: bool = False
+) -> Any:
     """Run `work(cur)` in one BEGIN IMMEDIATE transaction; its result.
 
-    The way to read, compute in Python and write back without losing updates.
-    `work` may be run again after a busy error, so it must have no effects
-    outside the database. Raises Unavailable, or the sqlite3.Error, after
-    logging and counting it; nothing was written then.
+    The way to read, compute in Python and write back without losing
+    updates (lite_counters.update_counter shows it). `one_statement`: work
+    runs exactly one statement, which is then its own transaction, locked
+    before it reads and only while SQLite runs it. `work` may be run again
+    after a busy error, so it must have no effects outside the database.
+    Raises Unavailable, or the sqlite3.Error, after logging and counting it;
+    nothing was written then.
     """
-    return _write(cur, work, getattr(work, "__name__", "write"), one_statement=False)
+    return _write(cur, work, getattr(work, "__name__", "write"), one_statement)
 
 
 # The original's helpers: False (or None) on failure
@@ -792,162 +767,3 @@ def upsert(cur: sqlite3.Cursor, table: str, row: dict[str, Any]) -> bool:
         return _write(cur, run, f"upsert {table}", one_statement=True)
     except (Unavailable, sqlite3.Error):
         return False
-
-
-# The demo's counters: read-modify-write done right
-
-# `name`, or the first counter when name is NULL: one statement picks it.
-_PICK = "coalesce(?, (SELECT name FROM counters ORDER BY position LIMIT 1))"
-# Adds a step to a counter in one statement. A sum past MAX_INTEGER becomes
-# a REAL, which the STRICT column refuses (SQLITE_CONSTRAINT_DATATYPE): so
-# one statement tells a new value, no such counter (no row) and an overflow.
-_INCREMENT = f"UPDATE counters SET value = value + ? WHERE name = {_PICK} RETURNING name, value"
-
-
-def ensure_counters(cur: sqlite3.Cursor) -> None:
-    """Create the demo's `counters` table if missing; refuse one that is not lite's.
-
-    Raises ValueError when a table named counters has other columns,
-    Unavailable as a write does.
-    """
-    if "counters" in cur.connection.tables_ready:
-        return
-    found = _read(
-        cur,
-        lambda: cur.execute("SELECT name FROM pragma_table_info('counters')").fetchall(),
-        "columns of counters",
-    )
-    if found and [row[0] for row in found] != ["name", "value", "position"]:
-        raise ValueError("this database has a table named counters that is not lite's")
-    ensure_tables(cur, "counters", 1, COUNTERS_TABLES)
-
-
-def _check_step(by: Any) -> None:
-    if not isinstance(by, int) or isinstance(by, bool) or not 1 <= by <= MAX_INTEGER:
-        raise ValueError("by must be an int from 1 to MAX_INTEGER")
-
-
-def _add(cur: sqlite3.Cursor, name: str | None, by: int) -> Any:
-    """Run the increment statement: (name, value), None for no counter, or _OVERFLOW."""
-    try:
-        return cur.execute(_INCREMENT, (by, name)).fetchone()
-    except sqlite3.IntegrityError as exc:
-        if getattr(exc, "sqlite_errorcode", None) == SQLITE_CONSTRAINT_DATATYPE:
-            return _OVERFLOW
-        raise
-
-
-def _added(result: Any, name: str | None) -> tuple[str, int]:
-    if result is None:
-        raise NoSuchCounter(name)
-    if result is _OVERFLOW:
-        raise WouldOverflow(f"{name} would pass {MAX_INTEGER}")
-    return result[0], result[1]
-
-
-def read_counter(cur: sqlite3.Cursor, name: str | None = None) -> tuple[str, int]:
-    """(name, value) of counter `name`, or of the first counter when name is None.
-
-    Raises NoSuchCounter, or Unavailable.
-    """
-    ensure_counters(cur)
-    row = _read(
-        cur,
-        lambda: cur.execute(
-            f"SELECT name, value FROM counters WHERE name = {_PICK}", (name,)
-        ).fetchone(),
-        "read counter",
-    )
-    if row is None:
-        raise NoSuchCounter(name)
-    return row[0], row[1]
-
-
-def increment(cur: sqlite3.Cursor, name: str | None = None, by: int = 1) -> tuple[str, int]:
-    """Add `by` to counter `name` (None: the first counter) in one atomic statement.
-
-    Returns (name, new value). Raises NoSuchCounter or WouldOverflow (nothing
-    written then), or Unavailable.
-    """
-    _check_step(by)
-    ensure_counters(cur)
-    return _added(_write(cur, lambda cur: _add(cur, name, by), "increment", True), name)
-
-
-def increment_once(
-    cur: sqlite3.Cursor, name: str | None, by: int, key: str
-) -> tuple[str, int, bool]:
-    """Add `by` to counter `name` once per `key`, however often it is asked.
-
-    The first call with a key increments and stores the key with its result,
-    in the same transaction; a repeat within IDEMPOTENCY_TTL_S changes
-    nothing and returns the stored result. Returns (name, value, replayed).
-    Raises KeyReused if the key was used for another counter or step, else
-    as `increment` does. Expired keys are pruned here, a bounded batch at
-    most once per PRUNE_INTERVAL_S per connection, so no request pays for a
-    backlog.
-    """
-    _check_step(by)
-    ensure_counters(cur)
-    ensure_tables(cur, "idempotency", 1, IDEMPOTENCY_TABLES)
-    conn = cur.connection
-    now = time.time()
-    prune = time.monotonic() - conn.last_prune >= PRUNE_INTERVAL_S
-    if prune:
-        conn.last_prune = time.monotonic()
-
-    def work(cur: sqlite3.Cursor) -> Any:
-        if prune:
-            cur.execute(
-                "DELETE FROM lite_idempotency_keys WHERE key IN (SELECT key"
-                " FROM lite_idempotency_keys WHERE created_at < ? ORDER BY created_at LIMIT ?)",
-                (now - IDEMPOTENCY_TTL_S, PRUNE_BATCH),
-            )
-        stored = cur.execute(
-            "SELECT counter, by, value FROM lite_idempotency_keys"
-            " WHERE key = ? AND created_at >= ?",
-            (key, now - IDEMPOTENCY_TTL_S),
-        ).fetchone()
-        if stored is not None:
-            return stored, True
-        result = _add(cur, name, by)
-        if result is None or result is _OVERFLOW:
-            return result, False
-        cur.execute(
-            "INSERT INTO lite_idempotency_keys (key, counter, by, value, created_at)"
-            " VALUES (?, ?, ?, ?, ?) ON CONFLICT (key) DO UPDATE SET counter = excluded.counter,"
-            " by = excluded.by, value = excluded.value, created_at = excluded.created_at",
-            (key, result[0], by, result[1], now),
-        )
-        return result, False
-
-    result, replayed = _write(cur, work, "increment once", one_statement=False)
-    if replayed:
-        if (name not in (None, result["counter"])) or result["by"] != by:
-            raise KeyReused(result["counter"], result["by"])
-        return result["counter"], result["value"], True
-    return (*_added(result, name), False)
-
-
-def update_counter(cur: sqlite3.Cursor, name: str, compute: Callable[[int], int]) -> int:
-    """Read counter `name`, compute its new value in Python, write it back.
-
-    The general read-modify-write, done right: read and write happen in one
-    transaction that took the write lock before the read, so no other process
-    can write in between. Returns the new value. Raises NoSuchCounter, or
-    Unavailable.
-    """
-    ensure_counters(cur)
-
-    def work(cur: sqlite3.Cursor) -> int | None:
-        row = cur.execute("SELECT value FROM counters WHERE name = ?", (name,)).fetchone()
-        if row is None:
-            return None
-        new_value = compute(row[0])
-        cur.execute("UPDATE counters SET value = ? WHERE name = ?", (new_value, name))
-        return new_value
-
-    value = _write(cur, work, "update counter", one_statement=False)
-    if value is None:
-        raise NoSuchCounter(name)
-    return value

@@ -27,6 +27,7 @@ from collections.abc import Callable
 from typing import Any
 
 import lite_config
+import lite_counters
 import lite_db
 
 FIGURES_INTERVAL_S = 1.0  # 1 s: least time between two publications of a process's figures
@@ -47,20 +48,21 @@ def health(cur: sqlite3.Cursor) -> str | None:
     failed" or "write failed"; the details are logged).
     """
     try:
-        lite_db.ensure_counters(cur)
+        lite_counters.ensure_counters(cur)
         lite_db.query(cur, "SELECT count(*) FROM counters")
     except lite_db.Unavailable:
         return "read failed"
     try:
         lite_db.ensure_tables(cur, "health", 1, HEALTH_TABLES)
-        lite_db.write(
-            cur,
-            lambda cur: cur.execute(
+
+        def record_health(cur: sqlite3.Cursor) -> None:
+            cur.execute(
                 "INSERT INTO lite_health (id, checked_at, pid) VALUES (1, ?, ?) ON CONFLICT (id)"
                 " DO UPDATE SET checked_at = excluded.checked_at, pid = excluded.pid",
                 (time.time(), os.getpid()),
-            ),
-        )
+            )
+
+        lite_db.write(cur, record_health, one_statement=True)
     except lite_db.Unavailable:
         return "write failed"
     return None

@@ -227,6 +227,30 @@ def prepare(home: str, port: int, baseline: str | None) -> dict:
     return env
 
 
+def truncate_wals(home: str) -> None:
+    """Checkpoint every database of the scratch home and empty its WAL (no daemon runs).
+
+    So each app starts from the same state: minimal never checkpoints, and
+    would otherwise hand a long WAL to whichever app runs next on its database.
+    """
+    data = os.path.join(home, "app", "data")
+    for name in sorted(os.listdir(data)):
+        if name.endswith(".db"):
+            run(
+                [
+                    "runuser",
+                    "-u",
+                    "www-data",
+                    "--",
+                    "/usr/bin/python3",
+                    "-c",
+                    "import sqlite3, sys; db = sqlite3.connect(sys.argv[1]); "
+                    "db.execute('PRAGMA wal_checkpoint(TRUNCATE)'); db.close()",
+                    os.path.join(data, name),
+                ]
+            )
+
+
 def serve(env: dict, script: str, synchronous: str, action: str) -> None:
     run(
         [os.path.join(ROOT, "serve.sh"), action],
@@ -369,6 +393,7 @@ def main(argv: list[str]) -> int:
                     )
                 finally:
                     serve(env, script, synchronous, "stop")
+                    truncate_wals(home)
             rounds.append(results)
     finally:
         shutil.rmtree(home, ignore_errors=True)

@@ -4,11 +4,13 @@ import os
 import sqlite3
 import time
 
+import deploy
 import pytest
 import webtest
 
 import lite_app
 import lite_config
+import lite_counters
 import lite_db
 
 CONFIG = "[counters]\nhits = 0\nmisses = 0\n"
@@ -30,6 +32,16 @@ def fresh_process_state():
     """Each test starts with no open connections and no figures (lite_db's one reset)."""
     yield
     lite_db.close_all()
+
+
+@pytest.fixture(scope="module")
+def deployment(request):
+    """The private Apache of one test module (tests/deploy.py), stopped after it.
+
+    A module may set DEPLOY_ENV, settings for serve.sh (e.g. thread counts).
+    """
+    with deploy.deployed(env=getattr(request.module, "DEPLOY_ENV", None)) as dep:
+        yield dep
 
 
 @pytest.fixture
@@ -79,7 +91,7 @@ def other(db_path):
     The demo's counters table is made first (through lite_db), empty.
     """
     made = lite_db.cursor(db_path)
-    lite_db.ensure_counters(made)
+    lite_counters.ensure_counters(made)
     made.close()
     conn = sqlite3.connect(db_path, isolation_level=None, timeout=10)
     yield conn

@@ -19,7 +19,14 @@ import urllib.request
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DAEMONS = 20
 # What serve.sh installs as the app, beside config.ini.
-APP_FILES = ("lite_app.py", "lite_db.py", "lite_config.py", "lite_ops.py", "lite_page.tpl")
+APP_FILES = (
+    "lite_app.py",
+    "lite_db.py",
+    "lite_counters.py",
+    "lite_config.py",
+    "lite_ops.py",
+    "lite_page.tpl",
+)
 
 
 def free_port():

@@ -8,6 +8,7 @@ import multiprocessing
 import queue
 import time
 
+import lite_counters
 import lite_db
 
 _ctx = multiprocessing.get_context("spawn")
@@ -79,7 +80,7 @@ def increment_until(db_path, stop_at, pause_s=0.0):
     done = failed = 0
     while time.time() < stop_at:
         try:
-            lite_db.increment(cur, "hits", 1)
+            lite_counters.increment(cur, "hits", 1)
             done += 1
         except lite_db.Unavailable:
             failed += 1

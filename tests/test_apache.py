@@ -21,12 +21,6 @@ DAEMONS = deploy.DAEMONS
 pytestmark = [pytest.mark.apache, pytest.mark.slow]
 
 
-@pytest.fixture(scope="module")
-def deployment():
-    with deploy.deployed() as dep:
-        yield dep
-
-
 def test_twenty_single_threaded_daemons_run_as_www_data(deployment):
     www_data = pwd.getpwnam("www-data").pw_uid
     daemons = []

@@ -10,6 +10,7 @@ import webtest
 from conftest import write_config
 
 import lite_app
+import lite_counters
 import lite_db
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -193,7 +194,7 @@ def test_a_bug_is_a_json_500_without_traceback(db_path, config_path, monkeypatch
     def broken(*args, **kwargs):
         raise RuntimeError("secret detail /srv/lite/data")
 
-    monkeypatch.setattr(lite_db, "increment", broken)
+    monkeypatch.setattr(lite_counters, "increment", broken)
     app = webtest.TestApp(lite_app.make_app(db_path=db_path, config_path=str(config_path)))
     res = app.post("/lite/inc", status=500, expect_errors=True)
     assert res.json == {"error": "internal error"}

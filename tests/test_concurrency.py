@@ -9,6 +9,7 @@ import pytest
 import webtest
 
 import lite_app
+import lite_counters
 import lite_db
 
 PROCESSES = 20
@@ -31,7 +32,7 @@ def _increment_through_the_app(db_path, config_path, gate, count):
 def _add_one_by_read_modify_write(db_path, gate, count):
     cur = lite_db.cursor(db_path)
     gate.wait(60)
-    return [lite_db.update_counter(cur, "hits", lambda v: v + 1) for _ in range(count)]
+    return [lite_counters.update_counter(cur, "hits", lambda v: v + 1) for _ in range(count)]
 
 
 def _check_exact(other, outcomes):

@@ -11,6 +11,7 @@ import time
 import procs
 import pytest
 
+import lite_counters
 import lite_db
 
 
@@ -187,42 +188,42 @@ def test_upsert_failure_returns_false(cur, other):
 
 
 def test_increment_is_exact_and_refuses_to_overflow_in_one_statement(cur, other):
-    other.execute("INSERT INTO counters VALUES ('a', ?, 0)", (lite_db.MAX_INTEGER - 2,))
+    other.execute("INSERT INTO counters VALUES ('a', ?, 0)", (lite_counters.MAX_INTEGER - 2,))
     other.execute("INSERT INTO counters VALUES ('b', 5, 1)")
-    assert lite_db.increment(cur, "a", 2) == ("a", lite_db.MAX_INTEGER)
+    assert lite_counters.increment(cur, "a", 2) == ("a", lite_counters.MAX_INTEGER)
     writes = lite_db.figures()["writes"]
-    with pytest.raises(lite_db.WouldOverflow):
-        lite_db.increment(cur, "a", 1)
-    with pytest.raises(lite_db.NoSuchCounter):
-        lite_db.increment(cur, "missing", 1)
+    with pytest.raises(lite_counters.WouldOverflow):
+        lite_counters.increment(cur, "a", 1)
+    with pytest.raises(lite_counters.NoSuchCounter):
+        lite_counters.increment(cur, "missing", 1)
     assert lite_db.figures()["writes"] == writes + 2  # one statement each, no second query
     assert lite_db.figures()["write_failures"] == 0  # neither is a database failure
     value = other.execute("SELECT value, typeof(value) FROM counters WHERE name = 'a'").fetchone()
-    assert value == (lite_db.MAX_INTEGER, "integer")
+    assert value == (lite_counters.MAX_INTEGER, "integer")
     for bad in (0, -1, 1.5, True, "1", 2**63):
         with pytest.raises(ValueError):
-            lite_db.increment(cur, "a", bad)
+            lite_counters.increment(cur, "a", bad)
 
 
 def test_without_a_name_the_first_counter_is_meant(cur, other):
-    with pytest.raises(lite_db.NoSuchCounter):
-        lite_db.increment(cur)
-    with pytest.raises(lite_db.NoSuchCounter):
-        lite_db.read_counter(cur)
+    with pytest.raises(lite_counters.NoSuchCounter):
+        lite_counters.increment(cur)
+    with pytest.raises(lite_counters.NoSuchCounter):
+        lite_counters.read_counter(cur)
     other.execute("INSERT INTO counters VALUES ('second', 5, 1), ('first', 7, 0)")
-    assert lite_db.increment(cur, by=3) == ("first", 10)
-    assert lite_db.read_counter(cur) == ("first", 10)
-    assert lite_db.read_counter(cur, "second") == ("second", 5)
+    assert lite_counters.increment(cur, by=3) == ("first", 10)
+    assert lite_counters.read_counter(cur) == ("first", 10)
+    assert lite_counters.read_counter(cur, "second") == ("second", 5)
     other.execute("UPDATE counters SET position = 2 WHERE name = 'first'")
-    assert lite_db.read_counter(cur) == ("second", 5)  # no cache to go stale
+    assert lite_counters.read_counter(cur) == ("second", 5)  # no cache to go stale
 
 
 def test_update_counter_is_read_modify_write_in_one_transaction(cur, other):
     other.execute("INSERT INTO counters VALUES ('a', 3, 0)")
-    assert lite_db.update_counter(cur, "a", lambda v: v * 10) == 30
-    assert lite_db.update_counter(cur, "a", lambda v: 0) == 0
-    with pytest.raises(lite_db.NoSuchCounter):
-        lite_db.update_counter(cur, "nope", lambda v: v + 1)
+    assert lite_counters.update_counter(cur, "a", lambda v: v * 10) == 30
+    assert lite_counters.update_counter(cur, "a", lambda v: 0) == 0
+    with pytest.raises(lite_counters.NoSuchCounter):
+        lite_counters.update_counter(cur, "nope", lambda v: v + 1)
     assert other.execute("SELECT value FROM counters").fetchone()[0] == 0
 
 
@@ -250,7 +251,7 @@ def test_deferred_read_then_write_fails_at_once_whatever_the_timeout(tmp_path):
 
 
 def _add_one_with_update_counter(db_path):
-    return lite_db.update_counter(lite_db.cursor(db_path), "a", lambda v: v + 1)
+    return lite_counters.update_counter(lite_db.cursor(db_path), "a", lambda v: v + 1)
 
 
 def test_lites_read_modify_write_never_meets_a_stale_snapshot(db_path, other):
@@ -319,7 +320,7 @@ def test_a_lock_held_past_the_budget_fails_logged_and_counted(db_path, other, mo
     started = time.monotonic()
     with caplog.at_level(logging.ERROR, logger="lite_db"):
         with pytest.raises(lite_db.Unavailable):
-            lite_db.increment(cur, "a", 1)
+            lite_counters.increment(cur, "a", 1)
         assert lite_db.transact_one(cur, "UPDATE counters SET value = 9") is False
     waited = time.monotonic() - started
     assert 0.5 < waited < 6
@@ -327,12 +328,12 @@ def test_a_lock_held_past_the_budget_fails_logged_and_counted(db_path, other, mo
     assert len(caplog.records) == 2  # once per failure, in lite_db only
     assert "locked" in caplog.records[0].getMessage()
     other.execute("ROLLBACK")
-    assert lite_db.increment(cur, "a", 1) == ("a", 1)
+    assert lite_counters.increment(cur, "a", 1) == ("a", 1)
     cur.close()
 
 
 def _add_one(db_path):
-    return lite_db.increment(lite_db.cursor(db_path), "a", 1)[1]
+    return lite_counters.increment(lite_db.cursor(db_path), "a", 1)[1]
 
 
 def test_a_short_lock_is_waited_out(db_path, other):
@@ -403,10 +404,10 @@ def test_writes_checkpoint_the_wal_at_most_once_per_interval(cur, other, monkeyp
     cur.connection.last_checkpoint = -math.inf  # never
     before = lite_db.figures()["checkpoints"]
     for _ in range(50):
-        assert lite_db.increment(cur, "a", 1)
+        assert lite_counters.increment(cur, "a", 1)
     assert lite_db.figures()["checkpoints"] == before + 1  # the first write's
     monkeypatch.setattr(lite_db, "CHECKPOINT_INTERVAL_S", 0)
     for _ in range(3):
-        assert lite_db.increment(cur, "a", 1)
+        assert lite_counters.increment(cur, "a", 1)
     assert lite_db.figures()["checkpoints"] == before + 4
     assert other.execute("SELECT value FROM counters").fetchone()[0] == 53

@@ -31,12 +31,6 @@ pytestmark = [pytest.mark.apache, pytest.mark.slow]
 WWW_DATA = pwd.getpwnam("www-data")
 
 
-@pytest.fixture(scope="module")
-def deployment():
-    with deploy.deployed() as dep:
-        yield dep
-
-
 def _kill_daemons_while(dep, running, every_s, all_at_once=False):
     """SIGKILL one daemon (or all) by PID every `every_s` while running(); the PIDs killed."""
     killed = []

@@ -7,7 +7,7 @@ import pytest
 import webtest
 
 import lite_app
-import lite_db
+import lite_counters
 
 
 def value_of(other, name="hits"):
@@ -48,7 +48,7 @@ def test_a_malformed_key_is_400_and_changes_nothing(app, other, key):
 
 def test_a_failed_increment_stores_no_key(app, other):
     keyed(app, "k-missing", counter="nope", status=404)
-    other.execute(f"UPDATE counters SET value = {lite_db.MAX_INTEGER} WHERE name = 'hits'")
+    other.execute(f"UPDATE counters SET value = {lite_counters.MAX_INTEGER} WHERE name = 'hits'")
     keyed(app, "k-full", status=409)
     other.execute("UPDATE counters SET value = 0 WHERE name = 'hits'")
     assert keyed(app, "k-full").json["value"] == 1  # the key was not used up
@@ -59,7 +59,7 @@ def test_an_expired_key_applies_again(app, other):
     keyed(app, "old")
     other.execute(
         "UPDATE lite_idempotency_keys SET created_at = ? WHERE key = 'old'",
-        (time.time() - lite_db.IDEMPOTENCY_TTL_S - 1,),
+        (time.time() - lite_counters.IDEMPOTENCY_TTL_S - 1,),
     )
     assert keyed(app, "old").json["value"] == 2  # applied again, stored anew
     again = keyed(app, "old")
@@ -69,17 +69,17 @@ def test_an_expired_key_applies_again(app, other):
 
 def test_expired_keys_are_pruned_in_bounded_batches(app, other, monkeypatch):
     keyed(app, "fresh-0")  # makes the keys' table; prunes nothing for PRUNE_INTERVAL_S
-    expired = time.time() - lite_db.IDEMPOTENCY_TTL_S - 10
+    expired = time.time() - lite_counters.IDEMPOTENCY_TTL_S - 10
     other.executemany(
         "INSERT INTO lite_idempotency_keys VALUES (?, 'hits', 1, 1, ?)",
-        [(f"e{i}", expired) for i in range(lite_db.PRUNE_BATCH * 2 + 7)],
+        [(f"e{i}", expired) for i in range(lite_counters.PRUNE_BATCH * 2 + 7)],
     )
     count = "SELECT count(*) FROM lite_idempotency_keys"
     keyed(app, "fresh-1")  # within PRUNE_INTERVAL_S: no pruning
-    assert other.execute(count).fetchone()[0] == lite_db.PRUNE_BATCH * 2 + 7 + 2
-    monkeypatch.setattr(lite_db, "PRUNE_INTERVAL_S", 0)
+    assert other.execute(count).fetchone()[0] == lite_counters.PRUNE_BATCH * 2 + 7 + 2
+    monkeypatch.setattr(lite_counters, "PRUNE_INTERVAL_S", 0)
     keyed(app, "fresh-2")
-    assert other.execute(count).fetchone()[0] == lite_db.PRUNE_BATCH + 7 + 3
+    assert other.execute(count).fetchone()[0] == lite_counters.PRUNE_BATCH + 7 + 3
     keyed(app, "fresh-3")
     keyed(app, "fresh-4")
     assert other.execute(count).fetchone()[0] == 5  # only the live keys are left

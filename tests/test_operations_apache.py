@@ -18,12 +18,6 @@ pytestmark = [pytest.mark.apache, pytest.mark.slow]
 ARTIFACTS = os.path.join(deploy.ROOT, "test-artifacts")
 
 
-@pytest.fixture(scope="module")
-def deployment():
-    with deploy.deployed() as dep:
-        yield dep
-
-
 def _stats(dep):
     status, _, body = dep.request("/lite/stats")
     assert status == 200

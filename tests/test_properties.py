@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import lite_app
-import lite_db
+import lite_counters
 
 _workdir = Path(tempfile.mkdtemp(prefix="lite-properties-"))
 write_config(_workdir / "config.ini", CONFIG)
@@ -110,7 +110,9 @@ def test_any_idempotency_key_is_applied_once_or_refused(key):
 
 def test_the_largest_value_stays_an_exact_integer():
     conn = sqlite3.connect(DB_PATH)
-    conn.execute("UPDATE counters SET value = ? WHERE name = 'misses'", (lite_db.MAX_INTEGER - 3,))
+    conn.execute(
+        "UPDATE counters SET value = ? WHERE name = 'misses'", (lite_counters.MAX_INTEGER - 3,)
+    )
     conn.commit()
     conn.close()
     assert APP.post("/lite/inc", {"counter": "misses", "by": "3"}).json["value"] == 2**63 - 1

@@ -10,6 +10,7 @@ import webtest
 
 import lite_app
 import lite_config
+import lite_counters
 import lite_db
 
 
@@ -82,7 +83,7 @@ def test_a_users_own_counters_table_is_refused_not_used(tmp_path):
     mine.close()
     cur = lite_db.cursor(path)
     with pytest.raises(ValueError, match="not lite's"):
-        lite_db.increment(cur, "hits")
+        lite_counters.increment(cur, "hits")
     cur.close()
     lite_db.close_all()
     assert tables(path) == {"counters"}
@@ -134,10 +135,10 @@ def test_a_lite_0_1_database_is_upgraded_once_keeping_every_row(db_path):
         "lite_schema",
     }
     assert user_version(db_path) == 3  # the user's number, left alone
-    assert lite_db.read_counter(cur, "hits") == ("hits", 41)
-    assert lite_db.read_counter(cur) == ("hits", 41)
-    assert lite_db.increment_once(cur, "hits", 1, "k") == ("hits", 41, True)  # the kept key
-    assert lite_db.increment_once(cur, "hits", 1, "new") == ("hits", 42, False)
+    assert lite_counters.read_counter(cur, "hits") == ("hits", 41)
+    assert lite_counters.read_counter(cur) == ("hits", 41)
+    assert lite_counters.increment_once(cur, "hits", 1, "k") == ("hits", 41, True)  # the kept key
+    assert lite_counters.increment_once(cur, "hits", 1, "new") == ("hits", 42, False)
     assert lite_config.applied_version(cur)["fingerprint"] == "v2"
     audit = lite_db.query(cur, "SELECT fingerprint FROM lite_config_audit ORDER BY id")
     assert [row[0] for row in audit] == ["v1", "v2"]
@@ -147,7 +148,7 @@ def test_a_lite_0_1_database_is_upgraded_once_keeping_every_row(db_path):
     lite_db.close_all()
     # Opened again (another process): nothing left to upgrade, nothing changes.
     cur = lite_db.cursor(db_path)
-    assert lite_db.read_counter(cur, "misses") == ("misses", 5)
+    assert lite_counters.read_counter(cur, "misses") == ("misses", 5)
     versions = dict(lite_db.query(cur, "SELECT feature, version FROM lite_schema"))
     assert versions == {"counters": 1, "config": 1, "idempotency": 1, "health": 1}
     cur.close()

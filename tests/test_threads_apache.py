@@ -7,16 +7,12 @@ sees an error, and the error log has no lock error and no traceback.
 
 import json
 
-import deploy
 import pytest
 
 pytestmark = [pytest.mark.apache, pytest.mark.slow]
 
 
-@pytest.fixture(scope="module")
-def deployment():
-    with deploy.deployed(env={"LITE_PROCESSES": "4", "LITE_THREADS": "8"}) as dep:
-        yield dep
+DEPLOY_ENV = {"LITE_PROCESSES": "4", "LITE_THREADS": "8"}  # read by conftest.deployment
 
 
 def test_four_daemons_of_eight_threads_pass_test_siege(deployment):

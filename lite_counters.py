@@ -1,0 +1,211 @@
+"""The demo's counters: read-modify-write done right, and increments applied once per key.
+
+Contract:
+- Counters live in the table `counters` (name, value, position), made on
+  first use; a table of that name with other columns is refused
+  (ValueError), never used. Keys live in `lite_idempotency_keys`.
+- `increment` adds in one statement, which SQLite makes its own transaction
+  and locks before it reads; `increment_once` does it once per key, the key
+  stored with the result in the same transaction; `update_counter` shows the
+  general read-modify-write, in one BEGIN IMMEDIATE transaction.
+- Without a name, the first counter (by position) is meant; one statement
+  picks it, so nothing is cached.
+- Failures: lite_db.Unavailable when the database cannot be reached in time
+  (logged and counted there); NoSuchCounter, WouldOverflow and KeyReused for
+  what the caller asked, with nothing written; ValueError for a step that is
+  not an int from 1 to MAX_INTEGER.
+"""
+
+import sqlite3
+import time
+from collections.abc import Callable
+from typing import Any
+
+import lite_db
+
+MAX_INTEGER = 2**63 - 1  # largest value SQLite stores as an INTEGER
+IDEMPOTENCY_TTL_S = 24 * 3600  # 24 h: how long an Idempotency-Key is remembered
+PRUNE_INTERVAL_S = 10.0  # 10 s: least time between two prunings of expired keys by a connection
+PRUNE_BATCH = 500  # expired keys removed by one pruning, at most
+SQLITE_CONSTRAINT_DATATYPE = 3091  # a STRICT column refused a value (e.g. an overflow to REAL)
+COUNTERS_TABLES = (
+    "CREATE TABLE IF NOT EXISTS counters ("
+    " name TEXT PRIMARY KEY, value INTEGER NOT NULL, position INTEGER NOT NULL) STRICT",
+)
+IDEMPOTENCY_TABLES = (
+    "CREATE TABLE IF NOT EXISTS lite_idempotency_keys ("
+    " key TEXT PRIMARY KEY, counter TEXT NOT NULL, by INTEGER NOT NULL,"
+    " value INTEGER NOT NULL, created_at REAL NOT NULL) STRICT",
+    "CREATE INDEX IF NOT EXISTS lite_idempotency_keys_created_at"
+    " ON lite_idempotency_keys (created_at)",
+)
+
+_OVERFLOW = object()  # what an increment's statement gives when the sum would pass MAX_INTEGER
+
+
+class NoSuchCounter(LookupError):
+    """No counter of that name (or none at all, when the default was asked for)."""
+
+
+class WouldOverflow(ArithmeticError):
+    """The increment would take the counter past MAX_INTEGER; nothing was written."""
+
+
+class KeyReused(ValueError):
+    """An Idempotency-Key already used for another counter or step."""
+
+    def __init__(self, counter: str, by: int) -> None:
+        super().__init__(f"Idempotency-Key already used to add {by} to {counter}")
+        self.counter = counter
+        self.by = by
+
+
+# `name`, or the first counter when name is NULL: one statement picks it.
+_PICK = "coalesce(?, (SELECT name FROM counters ORDER BY position LIMIT 1))"
+# Adds a step to a counter in one statement. A sum past MAX_INTEGER becomes
+# a REAL, which the STRICT column refuses (SQLITE_CONSTRAINT_DATATYPE): so
+# one statement tells a new value, no such counter (no row) and an overflow.
+_INCREMENT = f"UPDATE counters SET value = value + ? WHERE name = {_PICK} RETURNING name, value"
+
+
+def ensure_counters(cur: sqlite3.Cursor) -> None:
+    """Create the demo's `counters` table if missing; refuse one that is not lite's.
+
+    Raises ValueError when a table named counters has other columns,
+    lite_db.Unavailable as a write does.
+    """
+    if "counters" in cur.connection.tables_ready:
+        return
+    found = lite_db.query(cur, "SELECT name FROM pragma_table_info('counters')")
+    if found and [row[0] for row in found] != ["name", "value", "position"]:
+        raise ValueError("this database has a table named counters that is not lite's")
+    lite_db.ensure_tables(cur, "counters", 1, COUNTERS_TABLES)
+
+
+def _check_step(by: Any) -> None:
+    if not isinstance(by, int) or isinstance(by, bool) or not 1 <= by <= MAX_INTEGER:
+        raise ValueError("by must be an int from 1 to MAX_INTEGER")
+
+
+def _add(cur: sqlite3.Cursor, name: str | None, by: int) -> Any:
+    """Run the increment statement: (name, value), None for no counter, or _OVERFLOW."""
+    try:
+        return cur.execute(_INCREMENT, (by, name)).fetchone()
+    except sqlite3.IntegrityError as exc:
+        if getattr(exc, "sqlite_errorcode", None) == SQLITE_CONSTRAINT_DATATYPE:
+            return _OVERFLOW
+        raise
+
+
+def _added(result: Any, name: str | None) -> tuple[str, int]:
+    if result is None:
+        raise NoSuchCounter(name)
+    if result is _OVERFLOW:
+        raise WouldOverflow(f"{name} would pass {MAX_INTEGER}")
+    return result[0], result[1]
+
+
+def read_counter(cur: sqlite3.Cursor, name: str | None = None) -> tuple[str, int]:
+    """(name, value) of counter `name`, or of the first counter when name is None.
+
+    Raises NoSuchCounter, or lite_db.Unavailable.
+    """
+    ensure_counters(cur)
+    rows = lite_db.query(cur, f"SELECT name, value FROM counters WHERE name = {_PICK}", (name,))
+    if not rows:
+        raise NoSuchCounter(name)
+    return rows[0][0], rows[0][1]
+
+
+def increment(cur: sqlite3.Cursor, name: str | None = None, by: int = 1) -> tuple[str, int]:
+    """Add `by` to counter `name` (None: the first counter) in one atomic statement.
+
+    Returns (name, new value). Raises NoSuchCounter or WouldOverflow (nothing
+    written then), or lite_db.Unavailable.
+    """
+    _check_step(by)
+    ensure_counters(cur)
+
+    def increment(cur: sqlite3.Cursor) -> Any:
+        return _add(cur, name, by)
+
+    return _added(lite_db.write(cur, increment, one_statement=True), name)
+
+
+def increment_once(
+    cur: sqlite3.Cursor, name: str | None, by: int, key: str
+) -> tuple[str, int, bool]:
+    """Add `by` to counter `name` once per `key`, however often it is asked.
+
+    The first call with a key increments and stores the key with its result,
+    in the same transaction; a repeat within IDEMPOTENCY_TTL_S changes
+    nothing and returns the stored result. Returns (name, value, replayed).
+    Raises KeyReused if the key was used for another counter or step, else
+    as `increment` does. Expired keys are pruned here, a bounded batch at
+    most once per PRUNE_INTERVAL_S per connection, so no request pays for a
+    backlog.
+    """
+    _check_step(by)
+    ensure_counters(cur)
+    lite_db.ensure_tables(cur, "idempotency", 1, IDEMPOTENCY_TABLES)
+    conn = cur.connection
+    now = time.time()
+    prune = time.monotonic() - conn.last_prune >= PRUNE_INTERVAL_S
+    if prune:
+        conn.last_prune = time.monotonic()
+
+    def increment_once(cur: sqlite3.Cursor) -> Any:
+        if prune:
+            cur.execute(
+                "DELETE FROM lite_idempotency_keys WHERE key IN (SELECT key"
+                " FROM lite_idempotency_keys WHERE created_at < ? ORDER BY created_at LIMIT ?)",
+                (now - IDEMPOTENCY_TTL_S, PRUNE_BATCH),
+            )
+        stored = cur.execute(
+            "SELECT counter, by, value FROM lite_idempotency_keys"
+            " WHERE key = ? AND created_at >= ?",
+            (key, now - IDEMPOTENCY_TTL_S),
+        ).fetchone()
+        if stored is not None:
+            return stored, True
+        result = _add(cur, name, by)
+        if result is None or result is _OVERFLOW:
+            return result, False
+        cur.execute(
+            "INSERT INTO lite_idempotency_keys (key, counter, by, value, created_at)"
+            " VALUES (?, ?, ?, ?, ?) ON CONFLICT (key) DO UPDATE SET counter = excluded.counter,"
+            " by = excluded.by, value = excluded.value, created_at = excluded.created_at",
+            (key, result[0], by, result[1], now),
+        )
+        return result, False
+
+    result, replayed = lite_db.write(cur, increment_once)
+    if replayed:
+        if (name not in (None, result["counter"])) or result["by"] != by:
+            raise KeyReused(result["counter"], result["by"])
+        return result["counter"], result["value"], True
+    return (*_added(result, name), False)
+
+
+def update_counter(cur: sqlite3.Cursor, name: str, compute: Callable[[int], int]) -> int:
+    """Read counter `name`, compute its new value in Python, write it back.
+
+    The general read-modify-write, done right: read and write happen in one
+    transaction that took the write lock before the read, so no other process
+    can write in between. Returns the new value. Raises NoSuchCounter, or
+    lite_db.Unavailable.
+    """
+    ensure_counters(cur)
+
+    def update_counter(cur: sqlite3.Cursor) -> int | None:
+        row = cur.execute("SELECT value FROM counters WHERE name = ?", (name,)).fetchone()
+        if row is None:
+            return None
+        new_value = compute(row[0])
+        cur.execute("UPDATE counters SET value = ? WHERE name = ?", (new_value, name))
+        return new_value
+
+    value = lite_db.write(cur, update_counter)
+    if value is None:
+        raise NoSuchCounter(name)
+    return value

@@ -200,11 +200,15 @@ _registry = _Registry()
 
 
 def _note(figures: Figures, event: str, amount: float = 1) -> None:
-    """Count `event` in `figures` and tell the listeners."""
+    """Count `event` in `figures` and tell the listeners (the hot paths inline this)."""
     setattr(figures, event, getattr(figures, event) + amount)
     if listeners:
-        for listener in listeners:
-            listener(event, amount)
+        _tell(event, amount)
+
+
+def _tell(event: str, amount: float) -> None:
+    for listener in listeners:
+        listener(event, amount)
 
 
 def _synchronous() -> str:
@@ -343,7 +347,10 @@ def _retrying(conn: Connection, attempt: Callable[[], Any]) -> Any:
                     conn.execute(f"PRAGMA busy_timeout = {remaining_ms}")
                     narrowed = True
     finally:
-        _note(conn.figures, "db_time_s", time.monotonic() - started)
+        elapsed = time.monotonic() - started
+        conn.figures.db_time_s += elapsed
+        if listeners:
+            _tell("db_time_s", elapsed)
         if narrowed:
             conn.execute(f"PRAGMA busy_timeout = {BUSY_POLL_MS}")
 
@@ -437,7 +444,10 @@ def _write(
         try:
             cur.execute("BEGIN IMMEDIATE")
         finally:
-            _note(conn.figures, "write_lock_wait_s", time.monotonic() - began)
+            waited = time.monotonic() - began
+            conn.figures.write_lock_wait_s += waited
+            if listeners:
+                _tell("write_lock_wait_s", waited)
         try:
             result = work(cur)
             cur.execute("COMMIT")
@@ -452,9 +462,14 @@ def _write(
         try:
             return work(cur)
         finally:
-            _note(conn.figures, "write_lock_wait_s", time.monotonic() - began)
+            waited = time.monotonic() - began
+            conn.figures.write_lock_wait_s += waited
+            if listeners:
+                _tell("write_lock_wait_s", waited)
 
-    _note(conn.figures, "writes")
+    conn.figures.writes += 1
+    if listeners:
+        _tell("writes", 1)
     try:
         result = _retrying(conn, statement if one_statement else in_transaction)
     except sqlite3.Error as exc:
@@ -469,7 +484,9 @@ def _write(
 def _read(cur: sqlite3.Cursor, fetch: Callable[[], Any], what: str) -> Any:
     """What `fetch()` returns, with retries; raises as _write does."""
     conn = cur.connection
-    _note(conn.figures, "reads")
+    conn.figures.reads += 1
+    if listeners:
+        _tell("reads", 1)
     try:
         return _retrying(conn, fetch)
     except sqlite3.Error as exc:

@@ -37,6 +37,7 @@ import re
 import sqlite3
 import sys
 import time
+import urllib.parse
 from collections.abc import Callable
 from typing import Any
 from urllib.parse import SplitResult, urlsplit
@@ -53,8 +54,10 @@ DEFAULT_DB_PATH = os.path.join(HERE, "data", "lite.db")
 DEFAULT_CONFIG_PATH = os.path.join(HERE, "config.ini")
 PAGE_TEMPLATE = os.path.join(HERE, "lite_page.tpl")
 MAX_BY = 1_000_000  # largest step of one increment
+MAX_BODY_BYTES = 64 * 1024  # 64 KiB: a larger body is refused (413), as Apache does
+FORM = "application/x-www-form-urlencoded"  # the one body type lite reads
 RETRY_AFTER_S = 1  # 1 s: what a 503 asks the client to wait
-ERROR_CODES = (400, 403, 404, 405, 409, 413, 422, 500, 503)
+ERROR_CODES = (400, 403, 404, 405, 409, 413, 415, 422, 500, 503)
 _BY = re.compile(r"[1-9][0-9]{0,6}\Z")
 _IDEMPOTENCY_KEY = re.compile(r"[A-Za-z0-9_.:-]{1,128}\Z")
 
@@ -118,26 +121,77 @@ def _json_error(err: bottle.HTTPError) -> str:
     return json.dumps({"error": message})
 
 
-def _param(name: str) -> str | None:
-    """The one value of query or form parameter `name`; None if absent."""
-    values = bottle.request.query.getall(name)
+def _params(known: tuple[str, ...]) -> dict[str, str]:
+    """The request's parameters, each given at most once (400 otherwise).
+
+    GET: the query string; names lite does not know are ignored (cache
+    busters). POST: the query string and a form body, and every name must be
+    known: a misspelled `Counter=` must not fall back to the default counter.
+    A POST body must be application/x-www-form-urlencoded (415), of at most
+    MAX_BODY_BYTES (413), as long as its Content-Length (400).
+    """
+    pairs = _pairs(bottle.request.environ.get("QUERY_STRING", ""))
     if bottle.request.method == "POST":
-        values += bottle.request.forms.getall(name)
-    if len(values) > 1:
-        raise _json(400, {"error": f"give {name} once"})
-    return values[0] if values else None
+        pairs += _pairs(_form_body())
+        unknown = sorted({name for name, _ in pairs} - set(known))
+        if unknown:
+            raise _json(400, {"error": f"unknown parameter {unknown[0]!r}: use {', '.join(known)}"})
+    params: dict[str, str] = {}
+    for name, value in pairs:
+        if name in params and name in known:
+            raise _json(400, {"error": f"give {name} once"})
+        params[name] = value
+    return params
 
 
-def _counter_name() -> str | None:
+def _pairs(text: str) -> list[tuple[str, str]]:
+    try:
+        return urllib.parse.parse_qsl(text, keep_blank_values=True, errors="strict")
+    except (UnicodeError, ValueError):
+        raise _json(400, {"error": "parameters must be percent-encoded UTF-8"}) from None
+
+
+def _form_body() -> str:
+    """The POST body as text; "" when there is none."""
+    environ = bottle.request.environ
+    length_text = environ.get("CONTENT_LENGTH") or ""
+    chunked = "chunked" in environ.get("HTTP_TRANSFER_ENCODING", "").lower()
+    if not length_text.isdigit() and not (chunked and not length_text):
+        if length_text.strip():
+            raise _json(400, {"error": "Content-Length: not a number"})
+        return ""
+    length = int(length_text) if length_text else None
+    if length == 0:
+        return ""
+    media_type = environ.get("CONTENT_TYPE", "").split(";", 1)[0].strip().lower()
+    if media_type != FORM:
+        raise _json(415, {"error": f"send the parameters as {FORM}, or in the query string"})
+    if length is not None and length > MAX_BODY_BYTES:
+        raise _json(413, {"error": f"a body of at most {MAX_BODY_BYTES} bytes"})
+    try:
+        body = environ["wsgi.input"].read(MAX_BODY_BYTES + 1 if length is None else length)
+    except (OSError, ValueError):  # the client went away or sent less
+        raise _json(400, {"error": "the request body could not be read"}) from None
+    if len(body) > MAX_BODY_BYTES:
+        raise _json(413, {"error": f"a body of at most {MAX_BODY_BYTES} bytes"})
+    if length is not None and len(body) < length:
+        raise _json(400, {"error": "the request body is shorter than its Content-Length"})
+    try:
+        return body.decode("ascii")
+    except UnicodeDecodeError:
+        raise _json(400, {"error": "parameters must be percent-encoded UTF-8"}) from None
+
+
+def _counter_name(params: dict[str, str]) -> str | None:
     """The counter a request names; None for the first configured one."""
-    name = _param("counter")
+    name = params.get("counter")
     if name is not None and not lite_config.COUNTER_NAME.match(name):
         raise _json(400, {"error": "counter: use 1-64 of a-z, 0-9, _ and -"})
     return name
 
 
-def _by() -> int:
-    text = _param("by")
+def _by(params: dict[str, str]) -> int:
+    text = params.get("by")
     if text is None:
         return 1
     if not _BY.match(text) or int(text) > MAX_BY:
@@ -150,22 +204,27 @@ def _check_same_origin() -> None:
 
     Browsers name the page that sent a request in Origin (or, failing that,
     Referer); clients that send neither are not browsers and cannot be
-    tricked into sending the request.
+    tricked into sending the request. A header that is not a URL is 400.
     """
-    source = _header("Origin") or _header("Referer")
-    if source is None:
+    for header in ("Origin", "Referer"):
+        source = _header(header)
+        if source is None:
+            continue
+        try:
+            same = _origin(urlsplit(source)) == _origin(bottle.request.urlparts)
+        except ValueError:
+            raise _json(400, {"error": f"{header}: not a URL"}) from None
+        if not same:
+            raise _json(403, {"error": "cross-site request refused"})
         return
-    if _origin(urlsplit(source)) != _origin(bottle.request.urlparts):
-        raise _json(403, {"error": "cross-site request refused"})
 
 
 def _origin(url: SplitResult) -> tuple[str, str | None, int | None]:
-    """Scheme, host and port of a URL, the port filled in from the scheme."""
-    try:
-        port = url.port or {"http": 80, "https": 443}.get(url.scheme)
-    except ValueError:  # a port that is not a number
-        port = None
-    return url.scheme, url.hostname, port
+    """Scheme, host and port of a URL, the port filled in from the scheme.
+
+    Raises ValueError for a URL whose host or port is malformed.
+    """
+    return url.scheme, url.hostname, url.port or {"http": 80, "https": 443}.get(url.scheme)
 
 
 def _header(name: str) -> str | None:
@@ -362,12 +421,12 @@ def make_app(db_path: str | None = None, config_path: str | None = None) -> bott
     @app.post("/lite")
     def page_increment(db: sqlite3.Cursor) -> None:
         _check_same_origin()
-        _increment(db, _counter_name(), 1)
+        _increment(db, _counter_name(_params(("counter",))), 1)
         bottle.redirect("/lite", 303)
 
     @app.get("/lite/get")
     def get_counter(db: sqlite3.Cursor) -> dict[str, Any]:
-        name = _counter_name()
+        name = _counter_name(_params(("counter",)))
         try:
             name, value = lite_counters.read_counter(db, name)
         except lite_counters.NoSuchCounter:
@@ -393,8 +452,9 @@ def make_app(db_path: str | None = None, config_path: str | None = None) -> bott
     @app.post("/lite/inc")
     def increment(db: sqlite3.Cursor) -> dict[str, Any]:
         _check_same_origin()
-        name = _counter_name()
-        by = _by()
+        params = _params(("counter", "by"))
+        name = _counter_name(params)
+        by = _by(params)
         return _increment(db, name, by, _idempotency_key())
 
     return app

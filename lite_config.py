@@ -18,7 +18,10 @@ Contract:
   malformed is never applied: the last good config stays, requests go on,
   and each bad version is logged once across all processes.
 - A file still being written (modified less than SETTLE_S ago, or changed
-  while it was read) is looked at again later. The settle time is not waited
+  while it was read) is looked at again later. A file dated in the future
+  is applied once it has read the same for SETTLE_S, and that is logged. A
+  FIFO, directory or anything else that is not a regular file is refused
+  without blocking; a byte order mark is accepted. The settle time is not waited
   out while no version was ever applied to the database (a new database): a
   file that stays the same across the read and parses is applied at once.
 - The state lives in the database's own tables, `lite_config_state` (the
@@ -38,6 +41,7 @@ import logging
 import os
 import re
 import sqlite3
+import stat
 import time
 from typing import Any
 
@@ -86,7 +90,7 @@ def parse(data: bytes) -> dict[str, int]:
     if len(data) > CONFIG_MAX_BYTES:
         raise ConfigError(f"larger than {CONFIG_MAX_BYTES} bytes")
     try:
-        text = data.decode("utf-8")
+        text = data.decode("utf-8-sig")  # a byte order mark, as some editors write, is fine
     except UnicodeDecodeError as exc:
         raise ConfigError(f"not UTF-8: {exc}") from None
     parser = configparser.ConfigParser(interpolation=None, strict=True)
@@ -117,8 +121,13 @@ def _read_unchanged(path: str) -> tuple[tuple[int, int, int], float, bytes] | No
     Raises ConfigError when it cannot be read.
     """
     try:
-        with open(path, "rb") as f:
+        # O_NONBLOCK: opening a FIFO put in the file's place must not wait
+        # for a writer; it is then refused as not a regular file.
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+        with os.fdopen(fd, "rb") as f:
             before = os.fstat(f.fileno())
+            if not stat.S_ISREG(before.st_mode):
+                raise ConfigError("not a regular file")
             data = f.read(CONFIG_MAX_BYTES + 1)
     except OSError as exc:
         raise ConfigError(f"cannot read: {exc.strerror}") from None
@@ -143,8 +152,13 @@ def _apply(
     """
     if _stat_key(path) != key:
         return "unsettled"
-    state = cur.execute("SELECT fingerprint FROM lite_config_state").fetchone()
+    state = cur.execute(
+        "SELECT fingerprint, rejected_fingerprint FROM lite_config_state"
+    ).fetchone()
     if state is not None and state["fingerprint"] == fingerprint:
+        if state["rejected_fingerprint"] is not None:
+            # The good version is back: the next bad one is news again.
+            cur.execute("UPDATE lite_config_state SET rejected_fingerprint = NULL")
         return "current"
     cur.executemany(
         "INSERT INTO counters (name, value, position) VALUES (?, ?, ?) ON CONFLICT (name) "
@@ -158,7 +172,8 @@ def _apply(
         "INSERT INTO lite_config_state (id, fingerprint, counters, applied_at, applied_by) "
         "VALUES (1, ?, ?, ?, ?) ON CONFLICT (id) DO UPDATE SET "
         "fingerprint = excluded.fingerprint, counters = excluded.counters, "
-        "applied_at = excluded.applied_at, applied_by = excluded.applied_by",
+        "applied_at = excluded.applied_at, applied_by = excluded.applied_by, "
+        "rejected_fingerprint = NULL",
         (fingerprint, json.dumps(counters), now, pid),
     )
     cur.execute(
@@ -204,9 +219,23 @@ class ConfigWatcher:
     def __init__(self, path: str) -> None:
         self.path = path
         self.seen: Any = _NOT_SEEN  # (mtime_ns, size, inode), or None: could not stat
+        self.future: tuple[str, float] | None = None  # a future-dated version, first read when
         self.checks = 0
         self.applied = 0
         self.rejected = 0
+
+    def _settled_in_the_future(self, fingerprint: str) -> bool:
+        """True once a file dated in the future has read the same for SETTLE_S.
+
+        Its age tells nothing, so its content must: the first read is timed
+        here, and the file counts as settled when a read at least SETTLE_S
+        later finds the same version.
+        """
+        now = time.monotonic()
+        if self.future is None or self.future[0] != fingerprint:
+            self.future = (fingerprint, now)
+            return False
+        return now - self.future[1] >= SETTLE_S
 
     def figures(self) -> dict[str, int]:
         return {
@@ -240,6 +269,8 @@ class ConfigWatcher:
             # version yet (an app's first start should not answer "no
             # counters" for a second).
             young = not force and age_s < SETTLE_S
+            if young and age_s < 0:
+                young = not self._settled_in_the_future(fingerprint)
             try:
                 counters = parse(data)
             except ConfigError:
@@ -272,6 +303,14 @@ class ConfigWatcher:
         if outcome == "applied":
             self.applied += 1
             log.info("config %s applied: %s", self.path, fingerprint)
+            if age_s < 0:
+                log.warning(
+                    "config %s is dated %.0f s in the future (applied once it read the same"
+                    " for %.0f s): check the clock of whoever wrote it",
+                    self.path,
+                    -age_s,
+                    SETTLE_S,
+                )
         return outcome
 
 

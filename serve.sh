@@ -64,6 +64,8 @@ LogLevel warn
 LoadModule mpm_event_module /usr/lib/apache2/modules/mod_mpm_event.so
 LoadModule authz_core_module /usr/lib/apache2/modules/mod_authz_core.so
 LoadModule wsgi_module /usr/lib/apache2/modules/mod_wsgi.so
+LoadModule reqtimeout_module /usr/lib/apache2/modules/mod_reqtimeout.so
+LoadModule headers_module /usr/lib/apache2/modules/mod_headers.so
 
 # Apache's own workers; the app runs in lite.conf's mod_wsgi daemons.
 User $LITE_USER

@@ -42,6 +42,7 @@ class History:
     retries: int = 0
     statuses: dict[int, int] = field(default_factory=dict)
     bodies_with_lock_errors: list[str] = field(default_factory=list)
+    latencies: list[float] = field(default_factory=list)  # seconds, one per request sent
 
     def check(
         self, before: int, after: int, idempotent: bool = False, resets: list[int] | None = None
@@ -114,6 +115,7 @@ def _client(port, counter, deadline, requests_each, idempotent, timeout_s, histo
             sent += 1
             key = uuid.uuid4().hex if idempotent else None
             while True:
+                began = time.monotonic()
                 try:
                     status, body = _post(conn, counter, key)
                 except (OSError, http.client.HTTPException) as exc:
@@ -121,6 +123,7 @@ def _client(port, counter, deadline, requests_each, idempotent, timeout_s, histo
                     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout_s)
                     status, body = None, type(exc).__name__
                 with lock:
+                    history.latencies.append(time.monotonic() - began)
                     if status is not None:
                         history.statuses[status] = history.statuses.get(status, 0) + 1
                     if body and ("locked" in body or "Traceback" in body):

@@ -5,15 +5,19 @@ daemons run as www-data) and 127.0.0.1 only. Every process it starts is
 stopped by PID, through serve.sh's PidFile.
 """
 
+import http.client
 import json
 import os
 import pathlib
 import pwd
+import socket
 import time
 
 import deploy
 import history
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 ROOT = deploy.ROOT
 DAEMONS = deploy.DAEMONS
@@ -79,11 +83,39 @@ def test_no_file_of_the_deployment_is_reachable(deployment, path):
     assert "import" not in body
 
 
+def _raw(dep, request):
+    """Apache's answer to raw request bytes: (status line, headers and body text)."""
+    with socket.create_connection(("127.0.0.1", dep.port), timeout=30) as conn:
+        conn.sendall(request)
+        answer = b""
+        while chunk := conn.recv(65536):
+            answer += chunk
+    head, _, body = answer.decode("latin-1").partition("\r\n\r\n")
+    return head.split("\r\n")[0], head.lower(), body
+
+
+def test_apaches_own_refusals_are_json_but_414(deployment):
+    line, head, body = _raw(deployment, b"GARBAGE\r\n\r\n")
+    assert " 400 " in line and "content-type: application/json" in head
+    assert json.loads(body) == {"error": "bad request"}
+    line, head, body = _raw(
+        deployment,
+        b"POST /lite/inc HTTP/1.1\r\nHost: 127.0.0.1\r\nTransfer-Encoding: chunked\r\n"
+        b"Content-Length: 5\r\n\r\n",
+    )
+    assert " 411 " in line and json.loads(body) == {"error": "Content-Length required"}
+    line, head, _ = _raw(deployment, b"GET /lite/get?" + b"a" * 9000 + b" HTTP/1.0\r\n\r\n")
+    assert " 414 " in line and "text/html" in head
+
+
 def test_an_oversized_body_is_refused_and_changes_nothing(deployment):
     _, _, body = deployment.request("/lite/get")
     before = json.loads(body)["value"]
-    status, _, _ = deployment.request("/lite/inc", data=b"counter=hits&pad=" + b"x" * 70_000)
-    assert status == 413
+    status, headers, body = deployment.request(
+        "/lite/inc", data=b"counter=hits&pad=" + b"x" * 70_000
+    )
+    assert (status, headers["Content-Type"]) == (413, "application/json")
+    assert json.loads(body) == {"error": "request body over 65536 bytes"}
     _, _, body = deployment.request("/lite/get")
     assert json.loads(body)["value"] == before
 
@@ -164,3 +196,30 @@ def test_test_siege_passes(deployment):
     with open(deployment.error_log) as f:
         log = f.read()
     assert "Traceback" not in log and "locked" not in log
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
+@given(
+    path=st.sampled_from(["/lite", "/lite/get", "/lite/inc", "/lite/health"]),
+    method=st.sampled_from(["GET", "POST"]),
+    content_type=st.one_of(
+        st.none(),
+        st.sampled_from(["application/x-www-form-urlencoded", "multipart/form-data; x", "a/b"]),
+    ),
+    origin=st.one_of(st.none(), st.sampled_from(["http://[::1", "http://127.0.0.1:1", "%"])),
+    body=st.binary(max_size=100),
+)
+def test_no_input_gives_a_500_under_apache(deployment, path, method, content_type, origin, body):
+    log_from = deployment.log_size()
+    headers = {"Content-Type": content_type} if content_type else {}
+    if origin:
+        headers["Origin"] = origin
+    conn = http.client.HTTPConnection("127.0.0.1", deployment.port, timeout=30)
+    try:
+        conn.request(method, path, body=body if method == "POST" else None, headers=headers)
+        res = conn.getresponse()
+        text = res.read().decode("latin-1")
+    finally:
+        conn.close()
+    assert res.status < 500 or (res.status == 503 and res.getheader("Retry-After")), text
+    assert "Traceback" not in deployment.log_since(log_from)

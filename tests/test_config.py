@@ -2,6 +2,8 @@
 
 import logging
 import os
+import re
+import threading
 import time
 
 import pytest
@@ -233,3 +235,58 @@ def test_a_stale_read_never_puts_an_older_version_back(
     assert audit_count(other) == 2
     assert watcher.refresh(cur) == "current"  # B, applied by the other process
     assert watcher.refresh(cur) == "unchanged"
+
+
+def test_a_byte_order_mark_is_accepted(cur, other, config_path, watcher):
+    config_path.write_bytes(b"\xef\xbb\xbf[counters]\nhits = 4\n")
+    settle(config_path)
+    assert watcher.refresh(cur) == "applied"
+    assert counters(other) == {"hits": 4}
+
+
+def test_a_fifo_in_its_place_is_refused_without_blocking(cur, other, config_path, watcher):
+    watcher.refresh(cur)
+    config_path.unlink()
+    os.mkfifo(config_path)
+    outcome = []
+    looking = threading.Thread(target=lambda: outcome.append(watcher.refresh(cur)))
+    looking.start()
+    looking.join(5)
+    assert not looking.is_alive(), "refresh blocked on a FIFO"
+    assert outcome == ["rejected"]
+    assert counters(other) == {"hits": 0, "misses": 0}
+
+
+def test_a_file_dated_in_the_future_is_applied_once_it_reads_the_same(
+    cur, other, config_path, watcher, caplog
+):
+    watcher.refresh(cur)
+    config_path.write_text("[counters]\nhits = 8\n")
+    settle(config_path, age_s=-3600)  # an hour ahead
+    with caplog.at_level(logging.INFO, logger="lite_config"):
+        assert watcher.refresh(cur) == "unsettled"
+        assert watcher.refresh(cur) == "unsettled"
+        time.sleep(lite_config.SETTLE_S + 0.1)
+        assert watcher.refresh(cur) == "applied"
+        assert watcher.refresh(cur) == "unchanged"
+    assert counters(other) == {"hits": 8}
+    future = [r.getMessage() for r in caplog.records if "in the future" in r.getMessage()]
+    assert len(future) == 1  # once, by the process that applied it
+    assert re.search(r"is dated 3[56]\d\d s in the future", future[0])  # about an hour
+
+
+def test_every_disappearance_is_logged_once(cur, other, config_path, watcher, caplog):
+    watcher.refresh(cur)
+    with caplog.at_level(logging.ERROR, logger="lite_config"):
+        for _ in range(2):
+            kept = config_path.read_bytes()
+            stamp = os.stat(config_path).st_mtime_ns
+            config_path.unlink()
+            assert watcher.refresh(cur) == "rejected"
+            other_process = lite_config.ConfigWatcher(str(config_path))
+            assert other_process.refresh(cur) == "rejected"  # known: not logged again
+            config_path.write_bytes(kept)  # the same version comes back
+            os.utime(config_path, ns=(stamp, stamp))
+            assert watcher.refresh(cur) == "current"
+    missing = [r for r in caplog.records if "No such file" in r.getMessage()]
+    assert len(missing) == 2

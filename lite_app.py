@@ -59,6 +59,7 @@ FORM = "application/x-www-form-urlencoded"  # the one body type lite reads
 RETRY_AFTER_S = 1  # 1 s: what a 503 asks the client to wait
 ERROR_CODES = (400, 403, 404, 405, 409, 413, 415, 422, 500, 503)
 _BY = re.compile(r"[1-9][0-9]{0,6}\Z")
+_DIGITS = re.compile(r"[0-9]{1,19}\Z")
 _IDEMPOTENCY_KEY = re.compile(r"[A-Za-z0-9_.:-]{1,128}\Z")
 
 log = logging.getLogger(__name__)
@@ -154,13 +155,15 @@ def _pairs(text: str) -> list[tuple[str, str]]:
 def _form_body() -> str:
     """The POST body as text; "" when there is none."""
     environ = bottle.request.environ
-    length_text = environ.get("CONTENT_LENGTH") or ""
-    chunked = "chunked" in environ.get("HTTP_TRANSFER_ENCODING", "").lower()
-    if not length_text.isdigit() and not (chunked and not length_text):
-        if length_text.strip():
+    length_text = (environ.get("CONTENT_LENGTH") or "").strip()
+    if length_text:
+        if not _DIGITS.match(length_text):  # not isdigit(): "²" is a digit to Python
             raise _json(400, {"error": "Content-Length: not a number"})
+        length: int | None = int(length_text)
+    elif "chunked" in environ.get("HTTP_TRANSFER_ENCODING", "").lower():
+        length = None  # read to the end, at most MAX_BODY_BYTES
+    else:
         return ""
-    length = int(length_text) if length_text else None
     if length == 0:
         return ""
     media_type = environ.get("CONTENT_TYPE", "").split(";", 1)[0].strip().lower()

@@ -66,6 +66,7 @@ _PICK = "coalesce(?, (SELECT name FROM counters ORDER BY position LIMIT 1))"
 # a REAL, which the STRICT column refuses (SQLITE_CONSTRAINT_DATATYPE): so
 # one statement tells a new value, no such counter (no row) and an overflow.
 _INCREMENT = f"UPDATE counters SET value = value + ? WHERE name = {_PICK} RETURNING name, value"
+_READ = f"SELECT name, value FROM counters WHERE name = {_PICK}"
 
 
 def ensure_counters(cur: sqlite3.Cursor) -> None:
@@ -111,7 +112,7 @@ def read_counter(cur: sqlite3.Cursor, name: str | None = None) -> tuple[str, int
     Raises NoSuchCounter, or lite_db.Unavailable.
     """
     ensure_counters(cur)
-    rows = lite_db.query(cur, f"SELECT name, value FROM counters WHERE name = {_PICK}", (name,))
+    rows = lite_db.query(cur, _READ, (name,))
     if not rows:
         raise NoSuchCounter(name)
     return rows[0][0], rows[0][1]
@@ -126,10 +127,10 @@ def increment(cur: sqlite3.Cursor, name: str | None = None, by: int = 1) -> tupl
     _check_step(by)
     ensure_counters(cur)
 
-    def increment(cur: sqlite3.Cursor) -> Any:
+    def add_step(cur: sqlite3.Cursor) -> Any:
         return _add(cur, name, by)
 
-    return _added(lite_db.write(cur, increment, one_statement=True), name)
+    return _added(lite_db.write(cur, add_step, one_statement=True), name)
 
 
 def increment_once(

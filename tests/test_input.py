@@ -88,6 +88,16 @@ def test_a_body_shorter_than_its_content_length_is_400(app, other):
     assert value_of(other) == 0
 
 
+@pytest.mark.parametrize("length", ["\u00b2", "-1", "1e3", "0x10", "9" * 30])
+def test_a_content_length_that_is_not_a_number_is_400(app, other, length):
+    status, _, body, errors = _call(
+        app, "POST", "/lite/inc", b"counter=hits", CONTENT_LENGTH=length, CONTENT_TYPE=FORM
+    )
+    assert (status, json.loads(body)) == (400, {"error": "Content-Length: not a number"})
+    assert not errors.getvalue()
+    assert value_of(other) == 0
+
+
 def test_a_body_that_cannot_be_read_is_400(app, other):
     class Broken(io.BytesIO):
         def read(self, *args):

@@ -123,6 +123,7 @@ def _chromium():
 
 def test_the_page_in_a_real_browser(deployment):
     """Load /lite in Chromium, click +1, see the new value; keep a screenshot."""
+    from selenium.common.exceptions import StaleElementReferenceException
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
@@ -131,13 +132,15 @@ def test_the_page_in_a_real_browser(deployment):
         browser.get(deployment.base + "/lite")
         value = int(browser.find_element(By.ID, "value-misses").text)
         browser.find_element(By.ID, "inc-misses").click()
-        WebDriverWait(browser, 10).until(
+        # The click loads a new page (303): an element found on the old one
+        # may go stale while it is read; the wait then looks again.
+        WebDriverWait(browser, 10, ignored_exceptions=[StaleElementReferenceException]).until(
             lambda b: b.find_element(By.ID, "value-misses").text == str(value + 1)
         )
         assert deployment.value("misses") == value + 1
         assert browser.current_url == deployment.base + "/lite"  # the 303 came back
-        # The figures refresh themselves from /lite/stats every 2 s.
-        WebDriverWait(browser, 10).until(
+        # The figures refresh themselves every 2 s.
+        WebDriverWait(browser, 10, ignored_exceptions=[StaleElementReferenceException]).until(
             lambda b: b.find_element(By.ID, "refreshed").text.startswith("updated")
         )
         writes = browser.find_element(By.CSS_SELECTOR, '[data-stat="totals.writes"]')

@@ -31,10 +31,10 @@ Contract:
   outer layer: `transact`, `transact_one`, `transact_many` and `upsert`
   return False on failure, `get` returns None.
 - Read-modify-write: in `write` (or `transact`) with a callable, or as one
-  statement (lite_counters shows both). Never with `upsert`: an upsert computes its
-  new row from values the caller read earlier, outside the write lock, so two
-  processes that read the same value both write value + 1 and one update is
-  lost without any error.
+  statement (lite_counters shows both). Never with `upsert`: an upsert
+  computes its new row from values the caller read earlier, outside the
+  write lock, so two processes that read the same value both write
+  value + 1 and one update is lost without any error.
 - Figures: each connection counts its work in `Figures`; `figures()` sums
   them for this process; each function in `listeners` is called with
   (event, amount) as it happens, so that metrics stay outside the core.

@@ -286,10 +286,13 @@ class LitePlugin:
     name = "lite"
     api = 2
 
-    def __init__(self, db_path: str, config_path: str, keyword: str = "db") -> None:
+    def __init__(
+        self, db_path: str, config_path: str, keyword: str = "db", create_database: bool = False
+    ) -> None:
         self.db_path = db_path
         self.config_path = config_path
         self.keyword = keyword
+        self.create_database = create_database
         self.config = lite_config.ConfigWatcher(config_path)
         self.publisher = lite_ops.FigurePublisher(db_path)
         self.pid = os.getpid()
@@ -319,7 +322,7 @@ class LitePlugin:
 
         def wrapper(*args: Any, **kwargs: Any) -> Any:
             try:
-                cur = lite_db.cursor(self.db_path)
+                cur = lite_db.cursor(self.db_path, create=self.create_database)
             except lite_db.Unavailable:
                 raise _unavailable() from None
             try:
@@ -387,15 +390,19 @@ def _version_shown(version: dict[str, Any] | None) -> dict[str, Any] | None:
     }
 
 
-def make_app(db_path: str | None = None, config_path: str | None = None) -> bottle.Bottle:
+def make_app(
+    db_path: str | None = None, config_path: str | None = None, create_database: bool = False
+) -> bottle.Bottle:
     """The lite WSGI app on `db_path` with counters from `config_path`.
 
-    Opens no database: the first request does.
+    Opens no database: the first request does. A missing database file is
+    a 503, never made anew, unless `create_database` (for development and
+    tests; a deployment creates it once, with resetapp.sh).
     """
     db_path = db_path or os.environ.get("LITE_DB_PATH") or DEFAULT_DB_PATH
     config_path = config_path or os.environ.get("LITE_CONFIG_PATH") or DEFAULT_CONFIG_PATH
     page_template = bottle.SimpleTemplate(source=pathlib.Path(PAGE_TEMPLATE).read_text())
-    plugin = LitePlugin(db_path, config_path)
+    plugin = LitePlugin(db_path, config_path, create_database=create_database)
     app = bottle.Bottle()
     # Routes find the plugin here: a route closing over a plain value would
     # hang bottle 0.13's Route.get_undecorated_callback (see tests/test_app.py).

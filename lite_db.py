@@ -49,6 +49,7 @@ import re
 import sqlite3
 import threading
 import time
+import urllib.parse
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -163,6 +164,8 @@ class Connection(sqlite3.Connection):
         self.columns: dict[str, tuple[str, ...]] = {}
         self.tables_ready: set[str] = set()
         self.figures = Figures()
+        # (device, inode) of the database file it holds open; None: unknown.
+        self.identity: tuple[int, int] | None = None
 
 
 class _Registry:
@@ -180,6 +183,9 @@ class _Registry:
         self.inherited: list[Connection] = []  # from before a fork: never used or closed
         self.closed_figures = Figures()  # the figures of connections closed since
         self.lock = threading.Lock()
+        # Paths whose database file was removed or replaced under this
+        # process: their writes are refused, the reason kept here.
+        self.refused: dict[str, str] = {}
 
     def forked(self) -> None:
         """Start over in a forked child, keeping the parent's connections referenced."""
@@ -187,6 +193,7 @@ class _Registry:
         self.connections = {}
         self.closed_figures = Figures()
         self.lock = threading.Lock()
+        self.refused = {}
         self.pid = os.getpid()
 
     def retire(self, key: tuple[str, int]) -> None:
@@ -227,10 +234,11 @@ def _check_sqlite_version() -> None:
         )
 
 
-def _open(path: str) -> Connection:
+def _open(path: str, create: bool) -> Connection:
     _check_sqlite_version()
     conn = sqlite3.connect(
-        path,
+        path if create else f"file:{urllib.parse.quote(os.path.abspath(path))}?mode=rw",
+        uri=not create,
         factory=Connection,
         isolation_level=None,
         timeout=BUSY_POLL_MS / 1000,
@@ -238,6 +246,7 @@ def _open(path: str) -> Connection:
         # it from another thread once that one has ended.
         check_same_thread=False,
     )
+    conn.path = path  # not the URI it was opened by
     try:
         conn.row_factory = sqlite3.Row
         # Making a new database WAL takes a lock: waited for like any other.
@@ -251,11 +260,39 @@ def _open(path: str) -> Connection:
         # every commit.
         conn.execute("PRAGMA wal_autocheckpoint = 0")
         _upgrade_lite_0_1(conn)
+        conn.identity = _held_identity(path)
     except BaseException:
         conn.close()
         raise
     conn.read_only = not os.access(path, os.W_OK)
     return conn
+
+
+def _held_identity(path: str) -> tuple[int, int] | None:
+    """(device, inode) of the database file this process holds open as `path`.
+
+    Read from the process's own file descriptors, not from a stat of the
+    path, which may already name another file. None where /proc is missing
+    (the check is then off). Raises Unavailable if the process holds two
+    different files under that name: two generations of the database.
+    """
+    target = os.path.realpath(path)
+    found = set()
+    try:
+        fds = os.listdir("/proc/self/fd")
+    except OSError:
+        return None
+    for fd in fds:
+        try:
+            link = os.readlink(f"/proc/self/fd/{fd}")
+            if link in (target, target + " (deleted)"):
+                held = os.stat(f"/proc/self/fd/{fd}")
+                found.add((held.st_dev, held.st_ino))
+        except OSError:
+            continue  # closed meanwhile
+    if len(found) > 1:
+        raise Unavailable(f"{path}: two different files are open under that name")
+    return found.pop() if found else None
 
 
 def _upgrade_lite_0_1(conn: Connection) -> None:
@@ -389,6 +426,65 @@ def _checkpoint_now_and_then(conn: Connection) -> None:
         log.warning("checkpoint of %s failed: %s", conn.path, exc)
 
 
+def _file_changed(conn: Connection) -> str | None:
+    """Why the path no longer names the file the connection holds; None if it does."""
+    if conn.identity is None:
+        return None
+    try:
+        now = os.stat(conn.path)
+    except FileNotFoundError:
+        return f"{conn.path} was removed"
+    except OSError:
+        return None
+    if (now.st_dev, now.st_ino) != conn.identity:
+        return f"{conn.path} was replaced by another file"
+    return None
+
+
+def _refuse(conn: Connection, reason: str) -> None:
+    """Refuse this process's writes to the path from now on, and save what it holds.
+
+    The file this process still has open may hold acknowledged writes that
+    exist nowhere else: SQLite's backup API copies it, through this
+    connection, to a new file beside the path, which the log names.
+    """
+    _registry.refused[conn.path] = reason
+    saved = f"{conn.path}.saved-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+    try:
+        # Every process refuses from now on, those started later included:
+        # beside a moved-in file, the old -wal would be replayed into it.
+        with open(refusal_marker(conn.path), "w", encoding="utf-8") as marker:
+            marker.write(f"{reason}; saved as {saved}\n")
+        target = sqlite3.connect(saved)
+        try:
+            conn.backup(target)
+        finally:
+            target.close()
+    except (OSError, sqlite3.Error) as exc:
+        log.error(
+            "database changed under lite: %s; writes refused; saving it failed: %s", reason, exc
+        )
+        return
+    log.error(
+        "database changed under lite: %s. Writes are refused until lite is restarted. The"
+        " database this process had open is saved as %s: stop lite, then restore it"
+        " (./serve.sh restore %s), or restore your own copy",
+        reason,
+        saved,
+        saved,
+    )
+
+
+def refusal_marker(path: str) -> str:
+    """The file whose presence makes every process refuse `path` (serve.sh restore removes it)."""
+    return path + "-refused"
+
+
+def refusal(path: str) -> str | None:
+    """Why writes to `path` are refused in this process (its file changed), or None."""
+    return _registry.refused.get(path) if _registry.pid == os.getpid() else None
+
+
 def _failed(conn: Connection, kind: str, what: str, exc: sqlite3.Error) -> Exception:
     """Log and count a failure; the exception to raise for it."""
     _note(conn.figures, f"{kind}_failures")
@@ -408,6 +504,12 @@ def _advice(code: int, path: str) -> str:
         return f"; the disk holding {directory} is full: free space"
     if code == sqlite3.SQLITE_CANTOPEN and not os.path.isdir(directory):
         return f"; the directory {directory} does not exist: create it (resetapp.sh does)"
+    missing = code == sqlite3.SQLITE_CANTOPEN and not os.path.exists(path)
+    if missing and os.access(directory, os.W_OK):
+        return (
+            f"; the database {path} does not exist, and a running server does not create"
+            " one: restore it (./serve.sh restore FILE) or create it (resetapp.sh)"
+        )
     if code not in (sqlite3.SQLITE_READONLY, sqlite3.SQLITE_CANTOPEN, sqlite3.SQLITE_PERM):
         return ""
     user = _user_name()
@@ -470,6 +572,15 @@ def _write(
     conn.figures.writes += 1
     if listeners:
         _tell("writes", 1)
+    # The database file must still be the one this connection holds: a write
+    # into a file removed or replaced under the server would be lost.
+    refused = _registry.refused.get(conn.path)
+    if refused is None and (changed := _file_changed(conn)) is not None:
+        _refuse(conn, changed)
+        refused = changed
+    if refused is not None:
+        _note(conn.figures, "write_failures")
+        raise Unavailable(f"database files changed: {refused}")
     try:
         result = _retrying(conn, statement if one_statement else in_transaction)
     except sqlite3.Error as exc:
@@ -477,6 +588,10 @@ def _write(
         if failure is exc:
             raise
         raise failure from exc
+    # Removed in the moment since the look above, the file may hold this
+    # commit alone: then it is in the copy _refuse saves.
+    if (changed := _file_changed(conn)) is not None:
+        _refuse(conn, changed)
     _checkpoint_now_and_then(conn)
     return result
 
@@ -524,13 +639,15 @@ def _check_columns(cur: sqlite3.Cursor, table: str, names: Iterable[str]) -> tup
 # Connections
 
 
-def connect(path: str) -> Connection:
+def connect(path: str, create: bool = True) -> Connection:
     """This thread's connection to `path` in this process, opened on first use.
 
-    A connection that could not write (opened while the file was not
-    writable) is replaced once the file is writable again. Raises
-    Unavailable (logged) if the database cannot be opened, RuntimeError if
-    SQLite is older than SQLITE_NEEDED.
+    `create`: make the database file if it is missing (a server passes
+    False, so that a deleted database never comes back empty). A connection
+    that could not write (opened while the file was not writable) is
+    replaced once the file is writable again. Raises Unavailable (logged) if
+    the database cannot be opened or its file changed under this process,
+    RuntimeError if SQLite is older than SQLITE_NEEDED.
     """
     registry = _registry
     if registry.pid != os.getpid():
@@ -544,6 +661,16 @@ def connect(path: str) -> Connection:
         and not (conn.read_only and os.access(path, os.W_OK))
     ):
         return conn
+    if path in registry.refused:
+        raise Unavailable(f"database files changed: {registry.refused[path]}")
+    if os.path.exists(refusal_marker(path)):
+        log.error(
+            "cannot open database %s: it was removed or replaced while in use (%s);"
+            " restore it with ./serve.sh restore FILE",
+            path,
+            refusal_marker(path),
+        )
+        raise Unavailable(f"database files changed: see {refusal_marker(path)}")
     with registry.lock:
         # Thread idents are reused: a connection under this key may be a
         # dead thread's. Close it, and those of every other ended thread.
@@ -551,7 +678,7 @@ def connect(path: str) -> Connection:
             if other_key == key or not other.thread.is_alive():
                 registry.retire(other_key)
     try:
-        conn = _open(path)
+        conn = _open(path, create)
     except sqlite3.Error as exc:
         code = _primary_code(exc)
         log.error("cannot open database %s: %s%s", path, exc, _advice(code, path))
@@ -561,12 +688,12 @@ def connect(path: str) -> Connection:
     return conn
 
 
-def cursor(path: str) -> sqlite3.Cursor:
-    """A fresh cursor on this thread's connection; the caller closes it.
+def cursor(path: str, create: bool = True) -> sqlite3.Cursor:
+    """A fresh cursor on this thread's connection (see `connect`); the caller closes it.
 
     Raises Unavailable (logged and counted) if the database cannot be opened.
     """
-    return connect(path).cursor()
+    return connect(path, create).cursor()
 
 
 def close_all() -> None:

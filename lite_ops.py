@@ -45,8 +45,12 @@ def health(cur: sqlite3.Cursor) -> str | None:
 
     Reads the counters and writes the one row of lite_health, each within
     the lock budget. Returns None when both work, else the reason ("read
-    failed" or "write failed"; the details are logged).
+    failed", "write failed", or "files changed: …" once the database file
+    was removed or replaced under this process; the details are logged).
     """
+    refused = lite_db.refusal(cur.connection.path)
+    if refused is not None:
+        return f"files changed: {refused}"
     try:
         lite_counters.ensure_counters(cur)
         lite_db.query(cur, "SELECT count(*) FROM counters")
@@ -195,7 +199,7 @@ def backup(path: str, dest: str) -> bool:
     if os.path.exists(dest):
         raise ValueError(f"{dest} exists: backup never overwrites")
     try:
-        source = lite_db.connect(path)
+        source = lite_db.connect(path, create=False)
         target = sqlite3.connect(dest)
         try:
             source.backup(target)

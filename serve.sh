@@ -175,8 +175,9 @@ restore() {
         mv "$DB" "$DB.before-restore.$(date +%Y%m%d%H%M%S.%N)"
     fi
     # A -wal left by the replaced database would be replayed into the
-    # restored one: remove it with its index.
-    rm -f "$DB-wal" "$DB-shm"
+    # restored one: remove it with its index, and the mark lite leaves when
+    # the database was removed or replaced under it.
+    rm -f "$DB-wal" "$DB-shm" "$DB-refused"
     install -o "$LITE_USER" -g "$LITE_GROUP" -m 0600 "$file" "$DB"
     say "restored $DB from $file (the replaced database is kept beside it)"
 }

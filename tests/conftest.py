@@ -46,7 +46,10 @@ def deployment(request):
 
 @pytest.fixture
 def db_path(tmp_path):
-    return str(tmp_path / "lite.db")
+    """A new, empty database file: the app, like a server, never creates one."""
+    path = tmp_path / "lite.db"
+    path.touch()
+    return str(path)
 
 
 @pytest.fixture

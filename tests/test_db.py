@@ -11,13 +11,25 @@ import time
 import procs
 import pytest
 
+import lite_app
 import lite_counters
 import lite_db
 
 
-def test_nothing_is_opened_until_first_use(db_path):
-    assert not os.path.exists(db_path)
+def test_nothing_is_opened_until_first_use(tmp_path):
+    lite_app.make_app(db_path=str(tmp_path / "new.db"), config_path=str(tmp_path / "c.ini"))
+    assert not (tmp_path / "new.db").exists()
     assert lite_db.figures()["connections"] == 0
+
+
+def test_a_missing_database_is_created_only_when_asked(tmp_path, caplog):
+    path = str(tmp_path / "new.db")
+    with caplog.at_level(logging.ERROR, logger="lite_db"), pytest.raises(lite_db.Unavailable):
+        lite_db.connect(path, create=False)
+    assert not os.path.exists(path)
+    assert "does not exist, and a running server does not create one" in caplog.text
+    lite_db.connect(path)  # create=True: the library's default, and resetapp.sh's step
+    assert os.path.exists(path)
 
 
 def test_one_connection_per_process_thread_and_path(db_path, tmp_path):
@@ -390,7 +402,8 @@ def test_a_missing_directory_is_unavailable_and_the_log_says_so(tmp_path, caplog
     assert lite_db.figures()["read_failures"] == 1
 
 
-def test_an_sqlite_older_than_needed_is_refused_with_both_versions(db_path, monkeypatch):
+def test_an_sqlite_older_than_needed_is_refused_with_both_versions(tmp_path, monkeypatch):
+    db_path = str(tmp_path / "new.db")
     monkeypatch.setattr(sqlite3, "sqlite_version_info", (3, 31, 1))
     monkeypatch.setattr(sqlite3, "sqlite_version", "3.31.1")
     with pytest.raises(RuntimeError, match=r"SQLite 3\.31\.1 is too old: lite needs 3\.37\.0"):

@@ -16,7 +16,11 @@ import lite_counters
 _workdir = Path(tempfile.mkdtemp(prefix="lite-properties-"))
 write_config(_workdir / "config.ini", CONFIG)
 DB_PATH = str(_workdir / "lite.db")
-APP = webtest.TestApp(lite_app.make_app(db_path=DB_PATH, config_path=str(_workdir / "config.ini")))
+APP = webtest.TestApp(
+    lite_app.make_app(
+        db_path=DB_PATH, config_path=str(_workdir / "config.ini"), create_database=True
+    )
+)
 APP.get("/lite/get")  # creates the database, applies the config
 
 # Texts that look like numbers in every way Python's int() or a sloppy

@@ -466,8 +466,8 @@ def _refuse(conn: Connection, reason: str) -> None:
         )
         return
     log.error(
-        "database changed under lite: %s. Writes are refused until lite is restarted. The"
-        " database this process had open is saved as %s: stop lite, then restore it"
+        "database changed under lite: %s. Writes are refused until the database is restored."
+        " The database this process had open is saved as %s: stop lite, then restore it"
         " (./serve.sh restore %s), or restore your own copy",
         reason,
         saved,

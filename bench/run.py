@@ -207,6 +207,19 @@ def prepare(home: str, port: int, baseline: str | None) -> dict:
         shutil.copy(os.path.join(HERE, name), app)
     if baseline:
         install_baseline(app, baseline)
+        # Its database, empty, as the daemon user: a lite server never creates one.
+        run(
+            [
+                "runuser",
+                "-u",
+                "www-data",
+                "--",
+                "/usr/bin/python3",
+                "-c",
+                "import sqlite3, sys; sqlite3.connect(sys.argv[1]).close()",
+                os.path.join(app, "data", "prev.db"),
+            ]
+        )
     # The naive app's table, made once, as the daemon user.
     naive_db = os.path.join(app, "data", "naive.db")
     run(

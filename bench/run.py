@@ -81,6 +81,11 @@ def run(cmd: list[str], env: dict | None = None, timeout: float = 600) -> str:
     return done.stdout
 
 
+def as_daemon_user(code: str, *args: str) -> None:
+    """Run Python `code` as the daemons' user, who must own the files it makes."""
+    run(["runuser", "-u", "www-data", "--", "/usr/bin/python3", "-c", code, *args])
+
+
 def counter(base: str) -> int:
     with urllib.request.urlopen(f"{base}/lite/get?counter=hits", timeout=30) as res:
         return json.load(res)["value"]
@@ -208,34 +213,18 @@ def prepare(home: str, port: int, baseline: str | None) -> dict:
     if baseline:
         install_baseline(app, baseline)
         # Its database, empty, as the daemon user: a lite server never creates one.
-        run(
-            [
-                "runuser",
-                "-u",
-                "www-data",
-                "--",
-                "/usr/bin/python3",
-                "-c",
-                "import sqlite3, sys; sqlite3.connect(sys.argv[1]).close()",
-                os.path.join(app, "data", "prev.db"),
-            ]
+        as_daemon_user(
+            "import sqlite3, sys; sqlite3.connect(sys.argv[1]).close()",
+            os.path.join(app, "data", "prev.db"),
         )
     # The naive app's table, made once, as the daemon user.
     naive_db = os.path.join(app, "data", "naive.db")
-    run(
-        [
-            "runuser",
-            "-u",
-            "www-data",
-            "--",
-            "/usr/bin/python3",
-            "-c",
-            "import sqlite3, sys; db = sqlite3.connect(sys.argv[1]); "
-            "db.execute('CREATE TABLE IF NOT EXISTS counters "
-            "(name TEXT PRIMARY KEY, value INTEGER)'); "
-            "db.execute(\"INSERT OR IGNORE INTO counters VALUES ('hits', 0)\"); db.commit()",
-            naive_db,
-        ]
+    as_daemon_user(
+        "import sqlite3, sys; db = sqlite3.connect(sys.argv[1]); "
+        "db.execute('CREATE TABLE IF NOT EXISTS counters "
+        "(name TEXT PRIMARY KEY, value INTEGER)'); "
+        "db.execute(\"INSERT OR IGNORE INTO counters VALUES ('hits', 0)\"); db.commit()",
+        naive_db,
     )
     return env
 
@@ -249,18 +238,10 @@ def truncate_wals(home: str) -> None:
     data = os.path.join(home, "app", "data")
     for name in sorted(os.listdir(data)):
         if name.endswith(".db"):
-            run(
-                [
-                    "runuser",
-                    "-u",
-                    "www-data",
-                    "--",
-                    "/usr/bin/python3",
-                    "-c",
-                    "import sqlite3, sys; db = sqlite3.connect(sys.argv[1]); "
-                    "db.execute('PRAGMA wal_checkpoint(TRUNCATE)'); db.close()",
-                    os.path.join(data, name),
-                ]
+            as_daemon_user(
+                "import sqlite3, sys; db = sqlite3.connect(sys.argv[1]); "
+                "db.execute('PRAGMA wal_checkpoint(TRUNCATE)'); db.close()",
+                os.path.join(data, name),
             )
 
 

@@ -273,8 +273,9 @@ def _held_identity(path: str) -> tuple[int, int] | None:
 
     Read from the process's own file descriptors, not from a stat of the
     path, which may already name another file. None where /proc is missing
-    (the check is then off). Raises Unavailable if the process holds two
-    different files under that name: two generations of the database.
+    (the check is then off). Raises sqlite3.DatabaseError if the process
+    holds two different files under that name: two generations of the
+    database.
     """
     target = os.path.realpath(path)
     found = set()
@@ -291,7 +292,7 @@ def _held_identity(path: str) -> tuple[int, int] | None:
         except OSError:
             continue  # closed meanwhile
     if len(found) > 1:
-        raise Unavailable(f"{path}: two different files are open under that name")
+        raise sqlite3.DatabaseError(f"{path}: two different files are open under that name")
     return found.pop() if found else None
 
 
@@ -670,7 +671,8 @@ def connect(path: str, create: bool = True) -> Connection:
             path,
             refusal_marker(path),
         )
-        raise Unavailable(f"database files changed: see {refusal_marker(path)}")
+        registry.refused[path] = f"see {refusal_marker(path)}"  # logged once per process
+        raise Unavailable(f"database files changed: {registry.refused[path]}")
     with registry.lock:
         # Thread idents are reused: a connection under this key may be a
         # dead thread's. Close it, and those of every other ended thread.
@@ -697,7 +699,7 @@ def cursor(path: str, create: bool = True) -> sqlite3.Cursor:
 
 
 def close_all() -> None:
-    """Close every connection of this process and forget its figures.
+    """Close every connection of this process and forget its figures and refusals.
 
     For shutdown, and for tests to start afresh: the one reset of this
     module's state.
@@ -709,6 +711,7 @@ def close_all() -> None:
         for key in list(registry.connections):
             registry.retire(key)
         registry.closed_figures = Figures()
+        registry.refused = {}
 
 
 def figures() -> dict[str, Any]:

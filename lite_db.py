@@ -47,12 +47,18 @@ import pwd
 import random
 import re
 import sqlite3
+import struct
 import threading
 import time
 import urllib.parse
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
+
+try:
+    import fcntl
+except ImportError:  # not a POSIX system: the -shm check is off
+    fcntl = None  # type: ignore[assignment]
 
 LOCK_BUDGET_MS = 3000  # 3 s: total wait for the database lock per call
 BUSY_POLL_MS = 5  # 5 ms: the busy timeout, the longest SQLite itself waits per attempt
@@ -61,6 +67,9 @@ JOURNAL_SIZE_LIMIT_BYTES = 4 * 1024 * 1024  # 4 MiB: -wal size kept after a chec
 CHECKPOINT_INTERVAL_S = 1.0  # 1 s: least time between two checkpoints of one connection
 CHECKPOINT_WAIT_MS = 100  # 100 ms: longest wait of a RESTART checkpoint for readers
 WAL_FRAME_HEADER_BYTES = 24  # each page in the WAL is preceded by a 24-byte header
+WAL_HEADER_BYTES = 32  # the -wal file starts with a 32-byte header; salts at bytes 16-23
+SPLIT_CHECK_S = 0.1  # 100 ms: how long a new connection looks before calling its files split
+DATABASE_FILE_SUFFIXES = ("", "-wal", "-shm")
 SYNCHRONOUS_MODES = ("NORMAL", "FULL")
 SQLITE_NEEDED = (3, 37, 0)  # RETURNING came in 3.35, STRICT tables in 3.37
 # Primary result codes that mean "the database cannot be reached now".
@@ -99,6 +108,20 @@ _LITE_0_1_CONFIG_STATE_COLUMNS = (
     "applied_by",
     "rejected_fingerprint",
 )
+
+# The -shm file's WAL index header (SQLite's WalIndexHdr, native byte order),
+# stored twice, at bytes 0 and 48: version, (unused, change counter),
+# isInit, (big-endian checksums), page size, frames in the WAL, (pages,
+# frame checksum), the WAL header's salts as they are in the -wal file.
+_WAL_INDEX_HEADER = struct.Struct("=I8xB1xHI12x8s8x")
+_WAL_INDEX_VERSION = 3007000
+# SQLite's lock bytes (os_unix.c): readers of the database file lock
+# _SHARED_SIZE bytes from _SHARED_FIRST; each connection keeps a read lock
+# on byte _SHM_DEAD_MAN_SWITCH of the -shm file. struct flock on 64-bit Linux.
+_SHARED_FIRST = 0x40000000 + 2
+_SHARED_SIZE = 510
+_SHM_DEAD_MAN_SWITCH = 128
+_FLOCK = struct.Struct("=hh4xqqi4x")
 
 log = logging.getLogger(__name__)
 
@@ -164,8 +187,11 @@ class Connection(sqlite3.Connection):
         self.columns: dict[str, tuple[str, ...]] = {}
         self.tables_ready: set[str] = set()
         self.figures = Figures()
-        # (device, inode) of the database file it holds open; None: unknown.
-        self.identity: tuple[int, int] | None = None
+        # (device, inode) of each of the database's files (the database, its
+        # -wal and -shm) it holds open, by path; empty where /proc is missing.
+        self.files: dict[str, tuple[int, int]] = {}
+        # Why its -wal or -shm is not the one the other processes use; None if it is.
+        self.split: str | None = None
 
 
 class _Registry:
@@ -260,7 +286,9 @@ def _open(path: str, create: bool) -> Connection:
         # every commit.
         conn.execute("PRAGMA wal_autocheckpoint = 0")
         _upgrade_lite_0_1(conn)
-        conn.identity = _held_identity(path)
+        held = _held_files(path)
+        conn.files = {name: identity for name, (identity, _) in held.items()}
+        conn.split = _split_from_others(path, held)
     except BaseException:
         conn.close()
         raise
@@ -268,32 +296,109 @@ def _open(path: str, create: bool) -> Connection:
     return conn
 
 
-def _held_identity(path: str) -> tuple[int, int] | None:
-    """(device, inode) of the database file this process holds open as `path`.
+def _held_files(path: str) -> dict[str, tuple[tuple[int, int], int]]:
+    """The database's files this process holds open: by path, ((device, inode), fd).
 
     Read from the process's own file descriptors, not from a stat of the
-    path, which may already name another file. None where /proc is missing
-    (the check is then off). Raises sqlite3.DatabaseError if the process
-    holds two different files under that name: two generations of the
+    path, which may already name another file. Empty where /proc is missing
+    (the checks are then off). Raises sqlite3.DatabaseError if the process
+    holds two different files under one name: two generations of the
     database.
     """
     target = os.path.realpath(path)
-    found = set()
+    names = {target + suffix: path + suffix for suffix in DATABASE_FILE_SUFFIXES}
+    found: dict[str, tuple[tuple[int, int], int]] = {}
     try:
         fds = os.listdir("/proc/self/fd")
     except OSError:
-        return None
+        return {}
     for fd in fds:
         try:
             link = os.readlink(f"/proc/self/fd/{fd}")
-            if link in (target, target + " (deleted)"):
-                held = os.stat(f"/proc/self/fd/{fd}")
-                found.add((held.st_dev, held.st_ino))
+            name = names.get(link.removesuffix(" (deleted)"))
+            if name is None:
+                continue
+            held = os.stat(f"/proc/self/fd/{fd}")
         except OSError:
             continue  # closed meanwhile
-    if len(found) > 1:
-        raise sqlite3.DatabaseError(f"{path}: two different files are open under that name")
-    return found.pop() if found else None
+        identity = (held.st_dev, held.st_ino)
+        if name in found and found[name][0] != identity:
+            raise sqlite3.DatabaseError(f"{name}: two different files are open under that name")
+        found[name] = (identity, int(fd))
+    return found
+
+
+def _split_from_others(path: str, held: dict[str, tuple[tuple[int, int], int]]) -> str | None:
+    """Why this process's -wal and -shm are not those the other processes use; None if they are.
+
+    A -shm file removed while processes hold it open leaves them locking
+    through the old one: a process opening the database now makes a new one,
+    and the two groups would write the same WAL frames. A -wal file removed
+    leaves the shared index describing frames the new -wal does not have.
+    SQLite notices neither. Checked a few times over SPLIT_CHECK_S, so that a
+    process caught between locking the database and mapping the -shm, or a
+    checkpoint truncating the WAL, is not taken for a split.
+    """
+    shm = held.get(path + "-shm")
+    wal = held.get(path + "-wal")
+    database = held.get(path)
+    if shm is None or wal is None or database is None:
+        return None
+    deadline = time.monotonic() + SPLIT_CHECK_S
+    while True:
+        reason = _other_shm_users(path, database[1], shm[1]) or _wal_unlike_index(
+            path, wal[1], shm[1]
+        )
+        if reason is None or time.monotonic() >= deadline:
+            return reason
+        time.sleep(SPLIT_CHECK_S / 10)
+
+
+def _other_shm_users(path: str, database_fd: int, shm_fd: int) -> str | None:
+    """Why other processes lock the database but not this -shm; None if they do not.
+
+    Every connection in WAL mode holds a read lock on the database file and
+    one on the -shm file's dead-man-switch byte for as long as it is open:
+    if another process holds the first, one must hold the second. F_GETLK
+    only asks (no lock is taken), on SQLite's own descriptors: a descriptor
+    of the file opened and closed here would drop this process's locks.
+    """
+    if fcntl is None:
+        return None
+    try:
+        database_used = _locked_by_another(database_fd, _SHARED_FIRST, _SHARED_SIZE)
+        shm_used = _locked_by_another(shm_fd, _SHM_DEAD_MAN_SWITCH, 1)
+    except OSError:
+        return None
+    if database_used and not shm_used:
+        return f"{path}-shm was removed or replaced: other processes still use the old one"
+    return None
+
+
+def _locked_by_another(fd: int, start: int, length: int) -> bool:
+    probe = _FLOCK.pack(fcntl.F_WRLCK, os.SEEK_SET, start, length, 0)
+    lock_type = _FLOCK.unpack(fcntl.fcntl(fd, fcntl.F_GETLK, probe))[0]
+    return lock_type != fcntl.F_UNLCK
+
+
+def _wal_unlike_index(path: str, wal_fd: int, shm_fd: int) -> str | None:
+    """Why the -wal this process opened is not the one the shared index describes; None if it is."""
+    try:
+        index = os.pread(shm_fd, 2 * _WAL_INDEX_HEADER.size, 0)
+        header = os.pread(wal_fd, WAL_HEADER_BYTES, 0)
+        wal_bytes = os.fstat(wal_fd).st_size
+    except OSError:
+        return None
+    if len(index) < 2 * _WAL_INDEX_HEADER.size or index[:48] != index[48:]:
+        return None  # not initialised yet, or being written: SQLite itself retries
+    version, is_init, page_size, frames, salts = _WAL_INDEX_HEADER.unpack(index[:48])
+    if version != _WAL_INDEX_VERSION or not is_init or frames == 0:
+        return None
+    page_size = 65536 if page_size == 1 else page_size
+    needed = WAL_HEADER_BYTES + frames * (page_size + WAL_FRAME_HEADER_BYTES)
+    if header[16:24] != salts or wal_bytes < needed:
+        return f"{path}-wal was removed or replaced: it is not the WAL the other processes wrote"
+    return None
 
 
 def _upgrade_lite_0_1(conn: Connection) -> None:
@@ -428,39 +533,55 @@ def _checkpoint_now_and_then(conn: Connection) -> None:
 
 
 def _file_changed(conn: Connection) -> str | None:
-    """Why the path no longer names the file the connection holds; None if it does."""
-    if conn.identity is None:
-        return None
-    try:
-        now = os.stat(conn.path)
-    except FileNotFoundError:
-        return f"{conn.path} was removed"
-    except OSError:
-        return None
-    if (now.st_dev, now.st_ino) != conn.identity:
-        return f"{conn.path} was replaced by another file"
+    """Why a path no longer names the file the connection holds; None if each still does."""
+    for name, identity in conn.files.items():
+        try:
+            now = os.stat(name)
+        except FileNotFoundError:
+            return f"{name} was removed"
+        except OSError:
+            continue
+        if (now.st_dev, now.st_ino) != identity:
+            return f"{name} was replaced by another file"
     return None
 
 
-def _refuse(conn: Connection, reason: str) -> None:
+def _refuse(conn: Connection, reason: str, wrote_since: bool) -> None:
     """Refuse this process's writes to the path from now on, and save what it holds.
 
-    The file this process still has open may hold acknowledged writes that
-    exist nowhere else: SQLite's backup API copies it, through this
-    connection, to a new file beside the path, which the log names.
+    The files this process still has open may hold acknowledged writes that
+    exist nowhere else: SQLite's backup API copies the database as this
+    connection sees it to a new file beside the path, which the log and the
+    -refused mark name. The first process to notice saves a copy, and so
+    does each that committed after the change (`wrote_since`); the others
+    hold nothing newer than the first copy.
     """
     _registry.refused[conn.path] = reason
     saved = f"{conn.path}.saved-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
     try:
         # Every process refuses from now on, those started later included:
         # beside a moved-in file, the old -wal would be replayed into it.
-        with open(refusal_marker(conn.path), "w", encoding="utf-8") as marker:
-            marker.write(f"{reason}; saved as {saved}\n")
-        target = sqlite3.connect(saved)
         try:
-            conn.backup(target)
-        finally:
-            target.close()
+            marker = os.open(refusal_marker(conn.path), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            first = True
+        except FileExistsError:
+            marker = os.open(refusal_marker(conn.path), os.O_WRONLY | os.O_APPEND)
+            first = False
+        with open(marker, "w", encoding="utf-8") as mark:
+            if not (first or wrote_since):
+                log.error(
+                    "database changed under lite: %s; writes are refused until the database is"
+                    " restored (the copy to restore is named in %s)",
+                    reason,
+                    refusal_marker(conn.path),
+                )
+                return
+            target = sqlite3.connect(saved)
+            try:
+                conn.backup(target)
+            finally:
+                target.close()
+            mark.write(f"{reason}; saved as {saved}\n")
     except (OSError, sqlite3.Error) as exc:
         log.error(
             "database changed under lite: %s; writes refused; saving it failed: %s", reason, exc
@@ -573,11 +694,12 @@ def _write(
     conn.figures.writes += 1
     if listeners:
         _tell("writes", 1)
-    # The database file must still be the one this connection holds: a write
-    # into a file removed or replaced under the server would be lost.
+    # The database's files must still be those this connection holds: a write
+    # into a file removed or replaced under the server would be lost, and
+    # one locked through a removed -shm could overwrite another process's.
     refused = _registry.refused.get(conn.path)
     if refused is None and (changed := _file_changed(conn)) is not None:
-        _refuse(conn, changed)
+        _refuse(conn, changed, wrote_since=False)
         refused = changed
     if refused is not None:
         _note(conn.figures, "write_failures")
@@ -592,8 +714,9 @@ def _write(
     # Removed in the moment since the look above, the file may hold this
     # commit alone: then it is in the copy _refuse saves.
     if (changed := _file_changed(conn)) is not None:
-        _refuse(conn, changed)
-    _checkpoint_now_and_then(conn)
+        _refuse(conn, changed, wrote_since=True)
+    else:
+        _checkpoint_now_and_then(conn)
     return result
 
 
@@ -686,6 +809,19 @@ def connect(path: str, create: bool = True) -> Connection:
         log.error("cannot open database %s: %s%s", path, exc, _advice(code, path))
         _note(registry.closed_figures, "read_failures")
         raise Unavailable(f"cannot open database: {exc}") from exc
+    if conn.split is not None:
+        # The processes holding the old files notice at their next write,
+        # refuse and save what they hold; this one must not write beside them.
+        conn.close()
+        registry.refused[path] = conn.split
+        log.error(
+            "database changed under lite: %s. This process refuses the database: stop lite,"
+            " restore the copy named in %s if there is one (./serve.sh restore FILE), start lite",
+            conn.split,
+            refusal_marker(path),
+        )
+        _note(registry.closed_figures, "read_failures")
+        raise Unavailable(f"database files changed: {conn.split}")
     registry.connections[key] = conn
     return conn
 

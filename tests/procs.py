@@ -87,3 +87,24 @@ def increment_until(db_path, stop_at, pause_s=0.0):
         if pause_s:
             time.sleep(pause_s)
     return done, failed, lite_db.figures()["wal_restarts"]
+
+
+def open_database(db_path):
+    """Open db_path as a process started now would: None, or why it was refused."""
+    try:
+        lite_db.connect(db_path, create=False)
+    except lite_db.Unavailable as exc:
+        return str(exc)
+    return None
+
+
+def increment_once_more_after(db_path, go):
+    """Increment "hits", wait for `go`, try once more: whether that was refused."""
+    cur = lite_db.cursor(db_path, create=False)
+    lite_counters.increment(cur, "hits")
+    go.wait(timeout=30)
+    try:
+        lite_counters.increment(cur, "hits")
+    except lite_db.Unavailable:
+        return True
+    return False

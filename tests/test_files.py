@@ -6,7 +6,9 @@ import glob
 import logging
 import os
 import sqlite3
+import time
 
+import procs
 import pytest
 
 import lite_counters
@@ -21,7 +23,8 @@ def saved_copies(db_path):
 def value_in(path):
     conn = sqlite3.connect(path, uri=path.startswith("file:"))
     try:
-        return conn.execute("SELECT value FROM counters WHERE name = 'hits'").fetchone()[0]
+        row = conn.execute("SELECT value FROM counters WHERE name = 'hits'").fetchone()
+        return None if row is None else row[0]
     finally:
         conn.close()
 
@@ -84,3 +87,56 @@ def test_a_removal_just_after_the_look_is_saved_with_that_write(db_path, countin
     assert value_in(saved) == 6  # ...and in the saved copy
     with pytest.raises(lite_db.Unavailable):
         lite_counters.increment(counting, "hits")
+
+
+@pytest.mark.parametrize("suffix", ["-wal", "-shm"])
+def test_a_removed_wal_or_shm_refuses_writes_and_saves_what_was_held(db_path, counting, suffix):
+    assert value_in(f"file:{db_path}?immutable=1") != 5  # the WAL holds what the file lacks
+    os.remove(db_path + suffix)  # as `rm lite.db-wal` while serving
+    with pytest.raises(lite_db.Unavailable, match=f"{suffix} was removed"):
+        lite_counters.increment(counting, "hits")
+    assert lite_ops.health(counting) == f"files changed: {db_path}{suffix} was removed"
+    (saved,) = saved_copies(db_path)
+    assert value_in(saved) == 5
+    lite_db.close_all()  # as a process started later
+    with pytest.raises(lite_db.Unavailable):
+        lite_db.connect(db_path, create=False)
+
+
+@pytest.mark.parametrize("suffix", ["-wal", "-shm"])
+def test_a_process_started_after_a_wal_or_shm_removal_refuses_the_database(
+    db_path, counting, suffix
+):
+    os.remove(db_path + suffix)  # and no write yet that would notice
+    (refused,) = procs.run(procs.open_database, [(db_path,)], timeout_s=60)
+    assert refused is not None and f"{suffix} was removed or replaced" in refused
+    with pytest.raises(lite_db.Unavailable):  # the holder notices at its next write
+        lite_counters.increment(counting, "hits")
+    (saved,) = saved_copies(db_path)
+    assert value_in(saved) == 5
+
+
+def test_files_recreated_by_normal_operation_are_not_refused(db_path, counting, other):
+    assert procs.run(procs.open_database, [(db_path,)] * 3, timeout_s=60) == [None] * 3
+    other.execute("PRAGMA wal_checkpoint(TRUNCATE)")  # the -wal emptied, the same file
+    lite_counters.increment(counting, "hits")
+    other.close()
+    lite_db.close_all()  # the last connection closed: -wal and -shm are deleted...
+    assert not os.path.exists(db_path + "-wal")
+    cur = lite_db.cursor(db_path, create=False)  # ...and made anew
+    assert lite_counters.increment(cur, "hits") == ("hits", 7)
+    assert procs.run(procs.open_database, [(db_path,)], timeout_s=60) == [None]
+    assert not saved_copies(db_path) and not os.path.exists(lite_db.refusal_marker(db_path))
+
+
+def test_one_copy_is_saved_not_one_per_process(db_path, counting):
+    go = procs.event()
+    running, results = procs.start(procs.increment_once_more_after, [(db_path, go)] * 4)
+    deadline = time.monotonic() + 30
+    while lite_counters.read_counter(counting, "hits")[1] < 9 and time.monotonic() < deadline:
+        time.sleep(0.05)  # each of the 4 holds the database and has written
+    os.remove(db_path)
+    go.set()
+    assert procs.finish(running, results, timeout_s=60) == [True] * 4
+    (saved,) = saved_copies(db_path)
+    assert value_in(saved) == 9

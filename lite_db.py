@@ -551,42 +551,45 @@ def _refuse(conn: Connection, reason: str, wrote_since: bool) -> None:
 
     The files this process still has open may hold acknowledged writes that
     exist nowhere else: SQLite's backup API copies the database as this
-    connection sees it to a new file beside the path, which the log and the
-    -refused mark name. The first process to notice saves a copy, and so
+    connection sees it to a new file beside the path, named in the log and
+    in the -refused mark. The first process to notice saves a copy, and so
     does each that committed after the change (`wrote_since`); the others
-    hold nothing newer than the first copy.
+    hold nothing newer. Copies are made one at a time (a lock on the mark),
+    so the last one the mark names holds everything the others do.
     """
     _registry.refused[conn.path] = reason
+    marker_path = refusal_marker(conn.path)
     saved = f"{conn.path}.saved-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
     try:
         # Every process refuses from now on, those started later included:
         # beside a moved-in file, the old -wal would be replayed into it.
+        marker = open(marker_path, "a", encoding="utf-8")  # noqa: SIM115 - closed below
+    except OSError as exc:
+        log.error("database changed under lite: %s; writes refused; no mark: %s", reason, exc)
+        return
+    with marker:
+        if fcntl is not None:
+            fcntl.flock(marker, fcntl.LOCK_EX)
+        if os.fstat(marker.fileno()).st_size > 0 and not wrote_since:
+            log.error(
+                "database changed under lite: %s; writes are refused until the database is"
+                " restored (the last copy named in %s holds everything)",
+                reason,
+                marker_path,
+            )
+            return
         try:
-            marker = os.open(refusal_marker(conn.path), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-            first = True
-        except FileExistsError:
-            marker = os.open(refusal_marker(conn.path), os.O_WRONLY | os.O_APPEND)
-            first = False
-        with open(marker, "w", encoding="utf-8") as mark:
-            if not (first or wrote_since):
-                log.error(
-                    "database changed under lite: %s; writes are refused until the database is"
-                    " restored (the copy to restore is named in %s)",
-                    reason,
-                    refusal_marker(conn.path),
-                )
-                return
             target = sqlite3.connect(saved)
             try:
                 conn.backup(target)
             finally:
                 target.close()
-            mark.write(f"{reason}; saved as {saved}\n")
-    except (OSError, sqlite3.Error) as exc:
-        log.error(
-            "database changed under lite: %s; writes refused; saving it failed: %s", reason, exc
-        )
-        return
+        except sqlite3.Error as exc:
+            log.error(
+                "database changed under lite: %s; writes refused; saving it failed: %s", reason, exc
+            )
+            return
+        marker.write(f"{reason}; saved as {saved}\n")
     log.error(
         "database changed under lite: %s. Writes are refused until the database is restored."
         " The database this process had open is saved as %s: stop lite, then restore it"

@@ -43,6 +43,17 @@ class History:
     statuses: dict[int, int] = field(default_factory=dict)
     bodies_with_lock_errors: list[str] = field(default_factory=list)
     latencies: list[float] = field(default_factory=list)  # seconds, one per request sent
+    # (began, ended, refused), time.monotonic(), one per request sent; refused:
+    # lite's own 503, a write it refused to apply; ok: answered 2xx
+    timeline: list[tuple[float, float, bool, bool]] = field(default_factory=list)
+
+    def acknowledged_after_first_refusal(self) -> int:
+        """How many requests sent after lite's first 503 had ended were acknowledged."""
+        refusals = [ended for _, ended, refused, _ in self.timeline if refused]
+        if not refusals:
+            return 0
+        first = min(refusals)
+        return sum(1 for began, _, _, ok in self.timeline if ok and began > first)
 
     def check(
         self, before: int, after: int, idempotent: bool = False, resets: list[int] | None = None
@@ -122,21 +133,23 @@ def _client(port, counter, deadline, requests_each, idempotent, timeout_s, histo
                     conn.close()
                     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout_s)
                     status, body = None, type(exc).__name__
+                ended = time.monotonic()
+                ok = status is not None and 200 <= status < 300
+                refused = status == 503 and body.startswith("{")
                 with lock:
-                    history.latencies.append(time.monotonic() - began)
+                    history.latencies.append(ended - began)
+                    history.timeline.append((began, ended, refused, ok))
                     if status is not None:
                         history.statuses[status] = history.statuses.get(status, 0) + 1
                     if body and ("locked" in body or "Traceback" in body):
                         history.bodies_with_lock_errors.append(body[:200])
-                if status is not None and 200 <= status < 300:
+                if ok:
                     with lock:
                         history.ok.append(json.loads(body)["value"])
                         if key is not None:
                             history.keys_ok.add(key)
                     break
-                if status is not None and (
-                    400 <= status < 500 or (status == 503 and body.startswith("{"))
-                ):
+                if refused or (status is not None and 400 <= status < 500):
                     with lock:
                         history.failed.append(status)
                     break

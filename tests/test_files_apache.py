@@ -1,12 +1,16 @@
-"""The database file removed, or a copy moved over it, while the real Apache
-serves 20 writing clients: every acknowledged increment is in the copy lite
-saves, no value is acknowledged twice, writes are refused once the change is
-seen (never into a file that is gone), nothing is created in its place, and
-`serve.sh restore` of the saved copy brings it all back, sound."""
+"""The database, its -wal or its -shm removed, or a copy moved over the
+database, while the real Apache serves 20 writing clients, and then its
+daemons restarted or killed: every acknowledged increment is in the copy lite
+saves, no value is acknowledged twice, no write is acknowledged once lite has
+refused one (never into a file that is gone, never beside another group of
+processes), nothing is created in its place, and `serve.sh restore` of the
+saved copy brings it all back, sound. Where normal operation makes these
+files anew, nothing is refused."""
 
 import glob
 import json
 import os
+import signal
 import sqlite3
 import time
 
@@ -17,9 +21,12 @@ pytestmark = [pytest.mark.apache, pytest.mark.slow]
 
 
 def _newest_saved(dep):
-    saved = glob.glob(dep.db + ".saved-*")
-    assert saved, "lite saved no copy"
-    return max(saved, key=os.path.getmtime)
+    """The last copy the -refused mark names: it holds what every earlier one does."""
+    with open(dep.db + "-refused") as marker:
+        *_, last = marker.read().splitlines()
+    saved = last.split("; saved as ")[1]
+    assert os.path.exists(saved)
+    return saved
 
 
 def _value_in(path):
@@ -38,6 +45,67 @@ def _change_under_load(dep, change):
     return wait()
 
 
+def _restart_daemons(dep):
+    os.kill(dep.apache_pid(), signal.SIGUSR1)  # apachectl graceful
+
+
+def _kill_daemons(dep):
+    for pid in dep.daemons():
+        os.kill(pid, signal.SIGKILL)  # mod_wsgi starts new ones
+
+
+@pytest.mark.parametrize("then", [_restart_daemons, _kill_daemons], ids=["restart", "kill"])
+@pytest.mark.parametrize("suffix", ["", "-wal", "-shm"], ids=["db", "wal", "shm"])
+def test_a_file_removed_then_daemons_restarted_or_killed_loses_nothing(deployment, suffix, then):
+    before = deployment.value()
+    wait = history.start(deployment.port, clients=20, seconds=6)
+    time.sleep(1.5)
+    os.remove(deployment.db + suffix)
+    time.sleep(1.5)
+    then(deployment)
+    load = wait()
+    saved = _newest_saved(deployment)
+    load.check(before, _value_in(saved))  # every ack in the saved copy, none twice
+    assert load.acknowledged_after_first_refusal() == 0
+    assert len(load.ok) > 100 and len(load.failed) > 100
+    # 500 and 502: mod_wsgi's, for the requests of daemons that stopped
+    # under them (unknown outcomes); lite's own refusals are 503.
+    assert set(load.statuses) <= {200, 500, 502, 503}, load.statuses
+    status, _, body = deployment.request("/lite/health")
+    assert status == 503, body  # the new daemons refuse too
+    assert os.path.exists(deployment.db) != (suffix == "")  # nothing made in its place
+    print(f"{len(load.ok)} ok, {len(load.failed)} refused, {len(load.unknown)} unknown")
+    _restore(deployment, saved, _value_in(saved))
+
+
+def test_files_made_anew_by_normal_operation_are_not_refused(deployment):
+    before = deployment.value()
+    wait = history.start(deployment.port, clients=20, seconds=9)
+    time.sleep(1.5)
+    truncated = _checkpoint_truncate(deployment.db)  # the -wal emptied, the same file
+    time.sleep(1.5)
+    _restart_daemons(deployment)  # new daemons, the same files
+    time.sleep(2)
+    assert deployment.script("serve.sh", "stop").returncode == 0  # -wal and -shm deleted...
+    assert not os.path.exists(deployment.db + "-wal")
+    assert deployment.script("serve.sh", "start").returncode == 0  # ...and made anew
+    load = wait()
+    load.check(before, deployment.value())
+    assert not load.failed and len(load.ok) > 100, load.statuses  # nothing refused
+    assert deployment.request("/lite/health")[0] == 200
+    assert not glob.glob(deployment.db + ".saved-*")
+    assert not os.path.exists(deployment.db + "-refused")
+    print(f"checkpoint {truncated}; {len(load.ok)} ok, unknown {len(load.unknown)}")
+
+
+def _checkpoint_truncate(path):
+    conn = sqlite3.connect(path, timeout=10)
+    try:
+        return conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+    finally:
+        conn.close()
+
+
 def _restore(dep, saved, expected):
     assert dep.script("serve.sh", "stop").returncode == 0
     restored = dep.script("serve.sh", "restore", saved)
@@ -48,6 +116,8 @@ def _restore(dep, saved, expected):
     assert dep.integrity() == "ok"
     assert dep.request("/lite/health")[0] == 200
     assert dep.request("/lite/inc", data=b"counter=hits")[0] == 200
+    for copy in glob.glob(dep.db + ".saved-*"):
+        os.remove(copy)  # the next test's copy is then the only one
 
 
 def test_a_database_removed_while_serving_loses_nothing(deployment):

@@ -32,7 +32,6 @@ import datetime
 import json
 import logging
 import os
-import pathlib
 import re
 import sqlite3
 import sys
@@ -48,11 +47,11 @@ import lite_config
 import lite_counters
 import lite_db
 import lite_ops
+import lite_page
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-DEFAULT_DB_PATH = os.path.join(HERE, "data", "lite.db")
-DEFAULT_CONFIG_PATH = os.path.join(HERE, "config.ini")
-PAGE_TEMPLATE = os.path.join(HERE, "lite_page.tpl")
+# Relative to the directory the server runs in (mod_wsgi's home=, gunicorn's --chdir).
+DEFAULT_DB_PATH = os.path.join("data", "lite.db")
+DEFAULT_CONFIG_PATH = "config.ini"
 MAX_BY = 1_000_000  # largest step of one increment
 MAX_BODY_BYTES = 64 * 1024  # 64 KiB: a larger body is refused (413), as Apache does
 FORM = "application/x-www-form-urlencoded"  # the one body type lite reads
@@ -395,13 +394,17 @@ def make_app(
 ) -> bottle.Bottle:
     """The lite WSGI app on `db_path` with counters from `config_path`.
 
-    Opens no database: the first request does. A missing database file is
-    a 503, never made anew, unless `create_database` (for development and
-    tests; a deployment creates it once, with resetapp.sh).
+    Paths default to $LITE_DB_PATH and $LITE_CONFIG_PATH, else data/lite.db
+    and config.ini in the working directory. Opens no database: the first
+    request does. A missing database file is a 503, never made anew, unless
+    `create_database` (for development and tests; a deployment creates it
+    once, with resetapp.sh or `lite apply-config`).
     """
-    db_path = db_path or os.environ.get("LITE_DB_PATH") or DEFAULT_DB_PATH
-    config_path = config_path or os.environ.get("LITE_CONFIG_PATH") or DEFAULT_CONFIG_PATH
-    page_template = bottle.SimpleTemplate(source=pathlib.Path(PAGE_TEMPLATE).read_text())
+    db_path = os.path.abspath(db_path or os.environ.get("LITE_DB_PATH") or DEFAULT_DB_PATH)
+    config_path = os.path.abspath(
+        config_path or os.environ.get("LITE_CONFIG_PATH") or DEFAULT_CONFIG_PATH
+    )
+    page_template = bottle.SimpleTemplate(source=lite_page.PAGE)
     plugin = LitePlugin(db_path, config_path, create_database=create_database)
     app = bottle.Bottle()
     # Routes find the plugin here: a route closing over a plain value would

@@ -21,7 +21,9 @@ Contract:
   (SQLITE_BUSY_SNAPSHOT, which no busy timeout waits out).
 - Only SQLITE_BUSY and SQLITE_LOCKED are retried, in slices of at most
   `BUSY_POLL_MS` with jittered short sleeps between them, until
-  `LOCK_BUDGET_MS` has passed since the call began.
+  `LOCK_BUDGET_MS` has passed since the call began. `apply_pragmas` and
+  `retrying` give any sqlite3 connection the same settings and waits
+  (lite_django uses them).
 - Errors: a database that cannot be reached in time (busy past the budget,
   read-only, full, cannot be opened, I/O error, not a database) is logged
   once, counted, and raised as `Unavailable`. Any other `sqlite3.Error` (a
@@ -59,6 +61,8 @@ try:
     import fcntl
 except ImportError:  # not a POSIX system: the -shm check is off
     fcntl = None  # type: ignore[assignment]
+
+__version__ = "0.2.0"
 
 LOCK_BUDGET_MS = 3000  # 3 s: total wait for the database lock per call
 BUSY_POLL_MS = 5  # 5 ms: the busy timeout, the longest SQLite itself waits per attempt
@@ -275,16 +279,11 @@ def _open(path: str, create: bool) -> Connection:
     conn.path = path  # not the URI it was opened by
     try:
         conn.row_factory = sqlite3.Row
-        # Making a new database WAL takes a lock: waited for like any other.
-        _retrying(conn, lambda: conn.execute("PRAGMA journal_mode = WAL"))
-        conn.execute(f"PRAGMA synchronous = {_synchronous()}")
-        conn.execute("PRAGMA foreign_keys = ON")
-        conn.execute(f"PRAGMA journal_size_limit = {JOURNAL_SIZE_LIMIT_BYTES}")
         # Checkpoints are run by _checkpoint_now_and_then, not after every
         # commit once the WAL passes 1000 pages: while readers keep a
         # checkpoint from finishing, SQLite would retry it (and fsync) on
         # every commit.
-        conn.execute("PRAGMA wal_autocheckpoint = 0")
+        apply_pragmas(conn, conn.figures, wal_autocheckpoint=0)
         _upgrade_lite_0_1(conn)
         held = _held_files(path)
         conn.files = {name: identity for name, (identity, _) in held.items()}
@@ -294,6 +293,24 @@ def _open(path: str, create: bool) -> Connection:
         raise
     conn.read_only = not os.access(path, os.W_OK)
     return conn
+
+
+def apply_pragmas(conn: sqlite3.Connection, figures: Figures, wal_autocheckpoint: int = 0) -> None:
+    """Give a new connection lite's settings: WAL, synchronous, foreign keys, busy timeout.
+
+    Also a journal size limit and `wal_autocheckpoint` (pages; 0: none, for
+    connections whose writes go through lite's write path, which
+    checkpoints). Run on the connection itself, for any sqlite3 connection
+    (lite_django's too). Raises sqlite3.Error, ValueError for a bad
+    LITE_SYNCHRONOUS.
+    """
+    conn.execute(f"PRAGMA busy_timeout = {BUSY_POLL_MS}")
+    # Making a new database WAL takes a lock: waited for like any other.
+    retrying(conn, lambda: conn.execute("PRAGMA journal_mode = WAL"), figures)
+    conn.execute(f"PRAGMA synchronous = {_synchronous()}")
+    conn.execute("PRAGMA foreign_keys = ON")
+    conn.execute(f"PRAGMA journal_size_limit = {JOURNAL_SIZE_LIMIT_BYTES}")
+    conn.execute(f"PRAGMA wal_autocheckpoint = {int(wal_autocheckpoint)}")
 
 
 def _held_files(path: str) -> dict[str, tuple[tuple[int, int], int]]:
@@ -442,7 +459,7 @@ def _upgrade_lite_0_1(conn: Connection) -> None:
             raise
         log.info("database %s made by lite 0.1: tables renamed to lite_*", conn.path)
 
-    _retrying(conn, upgrade)
+    retrying(conn, upgrade, conn.figures)
 
 
 def _is_busy(exc: sqlite3.Error) -> bool:
@@ -459,10 +476,12 @@ def _primary_code(exc: sqlite3.Error) -> int:
     return (getattr(exc, "sqlite_errorcode", None) or 0) & 0xFF
 
 
-def _retrying(conn: Connection, attempt: Callable[[], Any]) -> Any:
+def retrying(conn: sqlite3.Connection, attempt: Callable[[], Any], figures: Figures) -> Any:
     """Run `attempt()`, retrying on busy/locked until LOCK_BUDGET_MS is spent.
 
-    Raises the last sqlite3.Error when the budget is spent or the error is not
+    For any sqlite3 connection whose busy timeout is BUSY_POLL_MS
+    (apply_pragmas); busy retries and time are counted in `figures`. Raises
+    the last sqlite3.Error when the budget is spent or the error is not
     busy/locked. The wait is sliced: SQLite's busy handler waits at most
     BUSY_POLL_MS per attempt, then this loop sleeps a jittered moment and
     tries again. Left to wait the whole budget itself, SQLite's handler backs
@@ -483,7 +502,7 @@ def _retrying(conn: Connection, attempt: Callable[[], Any]) -> Any:
                 remaining = deadline - time.monotonic()
                 if not _is_busy(exc) or remaining <= 0:
                     raise
-                _note(conn.figures, "busy_retries")
+                _note(figures, "busy_retries")
                 time.sleep(random.uniform(0, min(RETRY_SLEEP_MAX_S, remaining)))
                 remaining_ms = max(1, int((deadline - time.monotonic()) * 1000))
                 if remaining_ms < BUSY_POLL_MS:
@@ -491,7 +510,7 @@ def _retrying(conn: Connection, attempt: Callable[[], Any]) -> Any:
                     narrowed = True
     finally:
         elapsed = time.monotonic() - started
-        conn.figures.db_time_s += elapsed
+        figures.db_time_s += elapsed
         if listeners:
             _tell("db_time_s", elapsed)
         if narrowed:
@@ -708,7 +727,7 @@ def _write(
         _note(conn.figures, "write_failures")
         raise Unavailable(f"database files changed: {refused}")
     try:
-        result = _retrying(conn, statement if one_statement else in_transaction)
+        result = retrying(conn, statement if one_statement else in_transaction, conn.figures)
     except sqlite3.Error as exc:
         failure = _failed(conn, "write", what, exc)
         if failure is exc:
@@ -730,7 +749,7 @@ def _read(cur: sqlite3.Cursor, fetch: Callable[[], Any], what: str) -> Any:
     if listeners:
         _tell("reads", 1)
     try:
-        return _retrying(conn, fetch)
+        return retrying(conn, fetch, conn.figures)
     except sqlite3.Error as exc:
         failure = _failed(conn, "read", what, exc)
         if failure is exc:

@@ -11,11 +11,12 @@ Contract:
   backup API, one step) and checks the copy; `check(path)` runs
   `PRAGMA integrity_check` on a file, read-only. Both return False (logged)
   on failure and never overwrite.
-- Command line: `python -m lite_ops backup DB DEST | check DB |
-  apply-config DB CONFIG`; exit status 0 on success, 1 on failure, 2 on
-  bad usage.
+- Command line: `lite` (or `python -m lite_ops`) `backup DB DEST | check
+  DB | apply-config DB CONFIG | --version`; exit status 0 on success, 1 on
+  failure, 2 on bad usage.
 """
 
+import argparse
 import contextlib
 import json
 import logging
@@ -235,38 +236,48 @@ def check(path: str) -> bool:
     return result == "ok"
 
 
-USAGE = """usage: python -m lite_ops COMMAND ...
-  backup DB DEST          an online, consistent copy of DB (never overwrites DEST)
-  check DB                PRAGMA integrity_check of DB, read-only
-  apply-config DB CONFIG  apply CONFIG to DB now (once per version, as the app does)"""
+def main(argv: list[str] | None = None) -> int:
+    """The command line (`lite`, or `python -m lite_ops`); returns the exit status.
 
-
-def main(argv: list[str]) -> int:
-    """The command line; returns the exit status."""
+    0 on success, 1 on failure, 2 on bad usage (argparse's).
+    """
+    parser = argparse.ArgumentParser(prog="lite", description="Operate a lite database.")
+    parser.add_argument("--version", action="version", version=f"lite {lite_db.__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    command = commands.add_parser(
+        "backup", help="an online, consistent copy of DB (never overwrites DEST)"
+    )
+    command.add_argument("db")
+    command.add_argument("dest")
+    command = commands.add_parser("check", help="PRAGMA integrity_check of DB, read-only")
+    command.add_argument("db")
+    command = commands.add_parser(
+        "apply-config",
+        help="apply CONFIG to DB now, creating DB if missing (once per version, as the app does)",
+    )
+    command.add_argument("db")
+    command.add_argument("config")
+    args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
-    command, args = (argv[0], argv[1:]) if argv else ("", [])
-    if command == "backup" and len(args) == 2:
+    if args.command == "backup":
         try:
-            ok = backup(*args)
+            ok = backup(args.db, args.dest)
         except ValueError as exc:
             print(f"backup: {exc}", file=sys.stderr)
             return 1
-        print(f"backup: {args[0]} copied to {args[1]}" if ok else "backup: failed (see above)")
+        print(f"backup: {args.db} copied to {args.dest}" if ok else "backup: failed (see above)")
         return 0 if ok else 1
-    if command == "check" and len(args) == 1:
-        ok = check(args[0])
-        print(f"check: {args[0]} {'ok' if ok else 'FAILED (see above)'}")
+    if args.command == "check":
+        ok = check(args.db)
+        print(f"check: {args.db} {'ok' if ok else 'FAILED (see above)'}")
         return 0 if ok else 1
-    if command == "apply-config" and len(args) == 2:
-        try:
-            outcome = lite_config.apply_now(*args)
-        except lite_db.Unavailable:
-            outcome = "failed (see above)"
-        print(f"config {args[1]}: {outcome}")
-        return 0 if outcome in ("applied", "current") else 1
-    print(USAGE, file=sys.stderr)
-    return 2
+    try:
+        outcome = lite_config.apply_now(args.db, args.config)
+    except lite_db.Unavailable:
+        outcome = "failed (see above)"
+    print(f"config {args.config}: {outcome}")
+    return 0 if outcome in ("applied", "current") else 1
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    sys.exit(main())

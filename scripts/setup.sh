@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Installs what lite needs on Debian: Apache, Debian's mod_wsgi (built for
 # /usr/bin/python3), siege and wrk from apt; with --dev, also .venv (made from
-# /usr/bin/python3) with the test tools of requirements-dev.txt, and Debian's
-# Chromium and ChromeDriver for the browser test.
+# /usr/bin/python3) with the test tools of requirements-dev.txt, Debian's
+# Chromium and ChromeDriver for the browser test, and Django's source
+# distribution (its own tests) in build/.
 # Idempotent: installs only what is missing. Needs root for apt-get.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -42,5 +43,14 @@ if [ "${1:-}" = "--dev" ]; then
         /usr/bin/python3 -m venv .venv
         .venv/bin/pip install -q --disable-pip-version-check -r requirements-dev.txt
         touch .venv/.installed
+    fi
+    # Django's own tests, from its source distribution (tests/test_django_suite.py).
+    django=$(sed -n 's/^django==//p' requirements-dev.txt)
+    if [ ! -d "build/django-$django/tests" ]; then
+        echo "setup: Django $django's source distribution, for its own tests, into build/"
+        mkdir -p build
+        .venv/bin/pip download -q --disable-pip-version-check --no-deps --no-binary :all: \
+            -d build "django==$django"
+        tar -xzf "build/django-$django.tar.gz" -C build
     fi
 fi

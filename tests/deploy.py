@@ -58,6 +58,15 @@ def alive(pid):
     return True
 
 
+def read_only_query(path, sql, params=()):
+    """Rows of `sql` from the database file at `path`, opened read-only."""
+    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=10)
+    try:
+        return conn.execute(sql, params).fetchall()
+    finally:
+        conn.close()
+
+
 class Deployment:
     def __init__(self, home, port, env=None):
         self.home = home
@@ -92,11 +101,7 @@ class Deployment:
 
     def query(self, sql, params=()):
         """Rows of `sql`, read from the database file directly, read-only."""
-        conn = sqlite3.connect(f"file:{self.db}?mode=ro", uri=True, timeout=10)
-        try:
-            return conn.execute(sql, params).fetchall()
-        finally:
-            conn.close()
+        return read_only_query(self.db, sql, params)
 
     def value(self, counter="hits"):
         """The counter's value, read from the database file directly."""

@@ -1,4 +1,10 @@
-<!DOCTYPE html>
+"""The /lite page: a Bottle SimpleTemplate (a module, so that it installs with the others).
+
+Rendered by lite_app's /lite route; SimpleTemplate escapes everything it
+shows.
+"""
+
+PAGE = r"""<!DOCTYPE html>
 <html lang="en">
 <head>
 <meta charset="utf-8">
@@ -77,3 +83,4 @@ Health: <a href="/lite/health">/lite/health</a>. Served by process {{pid}}.</p>
 </script>
 </body>
 </html>
+"""

@@ -1,0 +1,76 @@
+"""Django's sqlite3 backend, with lite's pragmas, writes that lock first, and fair lock waits.
+
+What it changes, and nothing else:
+- Every new connection gets lite's settings (lite_db.apply_pragmas): WAL,
+  synchronous NORMAL (LITE_SYNCHRONOUS=FULL for FULL), foreign keys, a
+  journal size limit, and a busy timeout of lite_db.BUSY_POLL_MS. They are
+  run on the raw connection, not through Django's cursor, so they are not
+  counted as queries.
+- `transaction_mode` defaults to IMMEDIATE: `atomic()` takes the write lock
+  before it reads, so a transaction never reads a snapshot it then cannot
+  write from. OPTIONS may still set another mode.
+- `BEGIN` and every statement run outside a transaction (autocommit) wait
+  for the lock as lite does: SQLite's busy handler waits at most
+  BUSY_POLL_MS, then lite_db.retrying sleeps a jittered moment and tries
+  again, until lite_db.LOCK_BUDGET_MS has passed; then Django raises its
+  usual OperationalError ("database is locked"), which a view can answer
+  with 503. Statements inside a transaction already hold the lock and are
+  not retried. Left to wait the whole budget itself, SQLite's handler backs
+  off to 100 ms sleeps and a long waiter loses the lock to each newcomer.
+- SQLite still checkpoints the WAL itself (wal_autocheckpoint 1000 pages):
+  lite's own checkpoints run in lite_db's write path, which Django does not
+  use.
+"""
+
+from typing import Any
+
+from django.db.backends.sqlite3 import base
+
+import lite_db
+
+
+class DatabaseWrapper(base.DatabaseWrapper):
+    """Django's SQLite DatabaseWrapper with lite's pragmas and sliced lock waits."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.lite_figures = lite_db.Figures()  # busy_retries and db_time_s of this wrapper
+
+    def get_connection_params(self) -> dict[str, Any]:
+        params = super().get_connection_params()
+        if self.settings_dict["OPTIONS"].get("transaction_mode") is None:
+            self.transaction_mode = "IMMEDIATE"
+        return params
+
+    def get_new_connection(self, conn_params: dict[str, Any]) -> Any:
+        conn = super().get_new_connection(conn_params)
+        try:
+            lite_db.apply_pragmas(conn, self.lite_figures, wal_autocheckpoint=1000)
+        except BaseException:
+            conn.close()
+            raise
+        return conn
+
+    def create_cursor(self, name: str | None = None) -> Any:
+        cursor = self.connection.cursor(factory=CursorWrapper)
+        cursor.lite_figures = self.lite_figures
+        return cursor
+
+
+class CursorWrapper(base.SQLiteCursorWrapper):
+    """Statements outside a transaction (BEGIN included) wait for the lock in slices."""
+
+    lite_figures: lite_db.Figures
+
+    def execute(self, query: str, params: Any = None) -> Any:
+        run = super().execute
+        if self.connection.in_transaction:
+            return run(query, params)
+        return lite_db.retrying(self.connection, lambda: run(query, params), self.lite_figures)
+
+    def executemany(self, query: str, param_list: Any) -> Any:
+        run = super().executemany
+        if self.connection.in_transaction:
+            return run(query, param_list)
+        param_list = list(param_list)  # a retry must see the same parameters again
+        return lite_db.retrying(self.connection, lambda: run(query, param_list), self.lite_figures)

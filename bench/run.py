@@ -14,6 +14,10 @@ the same lite.conf (processes=20 threads=1):
 - naive       bench/naive_app.py: a connection per request, SELECT then UPDATE
 - lite-prev   with --baseline REV: lite as it was at git revision REV (its own
               database), to compare a change with what it replaces
+- django      examples/django_counter (one model, F() in atomic()) on Django's
+              own sqlite3 backend as its docs advise for concurrency
+              (IMMEDIATE, WAL, timeout 5 s)
+- django-lite the same app on lite_django
 
 `--apps` picks some of them (hello is always measured: every ratio needs it).
 
@@ -54,9 +58,16 @@ APPS = [
     ("lite-full", "lite_app.py", "FULL"),
     ("naive", "naive_app.py", "NORMAL"),
     ("lite-prev", "lite_prev_app.py", "NORMAL"),
+    ("django", "django_stock_wsgi.py", "NORMAL"),
+    ("django-lite", "django_wsgi.py", "NORMAL"),
 ]
-# lite's ratio to each of these, besides hello, when they ran in the same rounds.
-COMPARED = {"lite": ("minimal", "lite-prev"), "lite-full": ("minimal-full",)}
+# An app's ratios to each of these, besides hello, when they ran in the same rounds.
+COMPARED = {
+    "lite": ("minimal", "lite-prev"),
+    "lite-full": ("minimal-full",),
+    "django-lite": ("django",),
+}
+DJANGO_APPS = ("django", "django-lite")
 PREV_DIR = "prev"  # where lite-prev's files go, beside lite_app.py
 # The WSGI script that serves lite-prev: its own modules first on the path,
 # and its own database, so that neither version touches the other's tables.
@@ -204,12 +215,38 @@ def install_baseline(app: str, revision: str) -> None:
         out.write(PREV_APP)
 
 
-def prepare(home: str, port: int, baseline: str | None) -> dict:
+def install_django(home: str) -> None:
+    """Django (as pinned for the tests), lite_django and the example app, its database migrated."""
+    with open(os.path.join(ROOT, "requirements-dev.txt")) as f:
+        pin = re.search(r"^django==\S+$", f.read(), re.M).group(0)
+    run([os.path.join(home, "venv", "bin", "pip"), "install", "-q", pin])
+    app = os.path.join(home, "app")
+    shutil.copytree(os.path.join(ROOT, "lite_django"), os.path.join(app, "lite_django"))
+    examples = os.path.join(ROOT, "examples")
+    shutil.copytree(
+        os.path.join(examples, "django_counter"),
+        os.path.join(app, "django_counter"),
+        ignore=shutil.ignore_patterns("__pycache__"),
+    )
+    for name in ("django_wsgi.py", "django_stock_wsgi.py"):
+        shutil.copy(os.path.join(examples, name), app)
+    settings = [
+        f"PYTHONPATH={app}",
+        "DJANGO_SETTINGS_MODULE=django_counter.settings",
+        f"LITE_DB_PATH={app}/data/django.db",
+    ]
+    python = os.path.join(home, "venv", "bin", "python")
+    run(["runuser", "-u", "www-data", "--", "env", *settings, python, "-m", "django", "migrate"])
+
+
+def prepare(home: str, port: int, baseline: str | None, django: bool) -> dict:
     env = {**os.environ, "LITE_HOME": home, "LITE_PORT": str(port)}
     run([os.path.join(ROOT, "serve.sh"), "install"], env=env)
     app = os.path.join(home, "app")
     for name in ("hello_app.py", "minimal_app.py", "naive_app.py"):
         shutil.copy(os.path.join(HERE, name), app)
+    if django:
+        install_django(home)
     if baseline:
         install_baseline(app, baseline)
         # Its database, empty, as the daemon user: a lite server never creates one.
@@ -265,6 +302,9 @@ def summarize(rounds: list[dict]) -> dict:
                 if other in rounds[0]:
                     ratio = [r[app][key]["req_per_s"] / r[other][key]["req_per_s"] for r in rounds]
                     figures[f"ratio_to_{other}"] = round(statistics.median(ratio), 3)
+                if other != "hello" and other in rounds[0] and "p99_ms" in figures:
+                    p99 = [r[app][key]["p99_ms"] / max(1, r[other][key]["p99_ms"]) for r in rounds]
+                    figures[f"p99_ratio_to_{other}"] = round(statistics.median(p99), 3)
             if "lost" in figures:
                 figures["lost_total"] = sum(r[app][key]["lost"] for r in rounds)
             figures["non_2xx_total"] = sum(r[app][key]["non_2xx"] for r in rounds)
@@ -289,14 +329,19 @@ def table(summary: dict, alone: list[dict]) -> str:
                 f"| {f.get('p50_ms', '')} | {f.get('p99_ms', '')} |"
             )
     compared = [
-        f"| {app} / {other} | {key.replace('_', ' ')} | {f[f'ratio_to_{other}']:.3f} |"
+        f"| {app} / {other} | {key.replace('_', ' ')} | {f[f'ratio_to_{other}']:.3f} "
+        f"| {f.get(f'p99_ratio_to_{other}', '')} |"
         for app, figures in summary.items()
         for key, f in figures.items()
         for other in COMPARED.get(app, ())
         if f"ratio_to_{other}" in f
     ]
     if compared:
-        lines += ["", "| ratio (median over rounds) | driver, route | value |", "|---|---|---:|"]
+        lines += [
+            "",
+            "| ratio (median over rounds) | driver, route | req/s | p99 |",
+            "|---|---|---:|---:|",
+        ]
         lines += compared
     lines += [
         "",
@@ -372,7 +417,7 @@ def main(argv: list[str]) -> int:
     home = tempfile.mkdtemp(prefix="lite-bench-", dir="/tmp")
     os.chmod(home, 0o755)
     rc = os.path.join(ROOT, "siegerc")
-    env = prepare(home, args.port, args.baseline)
+    env = prepare(home, args.port, args.baseline, any(app[0] in DJANGO_APPS for app in apps))
     base = f"http://127.0.0.1:{args.port}"
     rounds = []
     try:

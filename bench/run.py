@@ -303,7 +303,7 @@ def summarize(rounds: list[dict]) -> dict:
                     ratio = [r[app][key]["req_per_s"] / r[other][key]["req_per_s"] for r in rounds]
                     figures[f"ratio_to_{other}"] = round(statistics.median(ratio), 3)
                 if other != "hello" and other in rounds[0] and "p99_ms" in figures:
-                    p99 = [r[app][key]["p99_ms"] / max(1, r[other][key]["p99_ms"]) for r in rounds]
+                    p99 = [r[app][key]["p99_ms"] / r[other][key]["p99_ms"] for r in rounds]
                     figures[f"p99_ratio_to_{other}"] = round(statistics.median(p99), 3)
             if "lost" in figures:
                 figures["lost_total"] = sum(r[app][key]["lost"] for r in rounds)

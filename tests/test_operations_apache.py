@@ -6,7 +6,6 @@ import os
 import pathlib
 import sqlite3
 import subprocess
-import tempfile
 import time
 
 import deploy
@@ -49,8 +48,8 @@ def test_health_is_ok(deployment):
     assert (status, json.loads(body)) == (200, {"status": "ok"})
 
 
-def test_backup_under_write_load_then_restore(deployment):
-    backup = os.path.join(tempfile.mkdtemp(prefix="lite-backup-"), "lite.db")
+def test_backup_under_write_load_then_restore(deployment, tmp_path):
+    backup = str(tmp_path / "lite.db")
     before = deployment.value()
     wait = history.start(deployment.port, clients=10, seconds=8)
     time.sleep(3)
@@ -98,13 +97,12 @@ def test_backup_under_write_load_then_restore(deployment):
         deployment.write_config(original)
 
 
-def _chromium():
+def _chromium(profile):
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
 
     options = webdriver.ChromeOptions()
     options.binary_location = "/usr/bin/chromium"
-    profile = tempfile.mkdtemp(prefix="lite-chromium-")
     for flag in (
         "--headless=new",
         "--no-sandbox",  # the tests run as root
@@ -121,13 +119,13 @@ def _chromium():
     return webdriver.Chrome(service=Service("/usr/bin/chromedriver"), options=options)
 
 
-def test_the_page_in_a_real_browser(deployment):
+def test_the_page_in_a_real_browser(deployment, tmp_path):
     """Load /lite in Chromium, click +1, see the new value; keep a screenshot."""
     from selenium.common.exceptions import StaleElementReferenceException
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
-    browser = _chromium()
+    browser = _chromium(tmp_path / "lite-chromium-profile")
     try:
         browser.get(deployment.base + "/lite")
         value = int(browser.find_element(By.ID, "value-misses").text)

@@ -1,10 +1,12 @@
 """Property-based tests over the request parameters: whatever a client sends,
 the answer is a clear 2xx or 4xx, never a 500, and only a 2xx changes data."""
 
+import shutil
 import sqlite3
 import tempfile
 from pathlib import Path
 
+import pytest
 import webtest
 from conftest import CONFIG, write_config
 from hypothesis import given, settings
@@ -22,6 +24,13 @@ APP = webtest.TestApp(
     )
 )
 APP.get("/lite/get")  # creates the database, applies the config
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _remove_workdir():
+    yield
+    shutil.rmtree(_workdir, ignore_errors=True)
+
 
 # Texts that look like numbers in every way Python's int() or a sloppy
 # parser might accept, and plain arbitrary text.

@@ -46,6 +46,7 @@ import logging
 import math
 import os
 import pwd
+import queue
 import random
 import re
 import sqlite3
@@ -74,6 +75,8 @@ WAL_FRAME_HEADER_BYTES = 24  # each page in the WAL is preceded by a 24-byte hea
 WAL_HEADER_BYTES = 32  # the -wal file starts with a 32-byte header; salts at bytes 16-23
 SPLIT_CHECK_S = 0.1  # 100 ms: how long a new connection looks before calling its files split
 DATABASE_FILE_SUFFIXES = ("", "-wal", "-shm")
+QUEUE_SUFFIX = "-queue"  # the write queue's file, beside the database
+QUEUE_SLOTS = 4096  # tickets in the write queue's ring; a wrapped-over slot skips the queue
 SYNCHRONOUS_MODES = ("NORMAL", "FULL")
 SQLITE_NEEDED = (3, 37, 0)  # RETURNING came in 3.35, STRICT tables in 3.37
 # Primary result codes that mean "the database cannot be reached now".
@@ -126,6 +129,10 @@ _SHARED_FIRST = 0x40000000 + 2
 _SHARED_SIZE = 510
 _SHM_DEAD_MAN_SWITCH = 128
 _FLOCK = struct.Struct("=hh4xqqi4x")
+# The write queue's file: the next ticket (8 bytes, native order) at byte 0,
+# one lock byte per slot from byte _QUEUE_FIRST_SLOT.
+_QUEUE_TICKET = struct.Struct("=Q")
+_QUEUE_FIRST_SLOT = 4096
 
 log = logging.getLogger(__name__)
 
@@ -196,6 +203,133 @@ class Connection(sqlite3.Connection):
         self.files: dict[str, tuple[int, int]] = {}
         # Why its -wal or -shm is not the one the other processes use; None if it is.
         self.split: str | None = None
+        self.queue = WriteQueue(path)  # opened at its first transaction
+
+    def close(self) -> None:
+        self.queue.close()
+        super().close()
+
+
+class WriteQueue:
+    """A first-come, first-served line for the write lock, shared by every process of a database.
+
+    SQLite gives its write lock to whichever waiter tries first once it is
+    free. For a one-statement write, which holds the lock only inside
+    SQLite, lite's short slices make that fair enough. A transaction that
+    runs Python while it holds the lock is another matter: waiters that poll
+    take CPU from the holder, and who wins is chance, so some wait many
+    turns. Such a transaction takes a ticket here first and waits, asleep in
+    the kernel, for the one before it to finish: one wake-up per turn, in
+    the order of arrival.
+
+    Built on open-file-description locks (F_OFD_SETLK*) on one file beside
+    the database, `path + QUEUE_SUFFIX`: a slot is one locked byte, owned by
+    one connection (so threads queue like processes) and released by the
+    kernel when its process dies. The wait for the one before is bounded by
+    the caller's deadline; past it, the caller goes on to SQLite's lock
+    itself. The queue only orders: SQLite's lock still excludes. Where the
+    file cannot be opened or OFD locks are missing, the queue is off (enter
+    returns False) and the sliced wait alone remains.
+    """
+
+    def __init__(self, path: str) -> None:
+        self.path = path + QUEUE_SUFFIX
+        self.fd: int | None = None
+        self.slot: int | None = None
+        self.off = fcntl is None or not hasattr(fcntl, "F_OFD_SETLKW")
+        # Waits for the helper thread, started at the first wait; None stops it.
+        self.waits: queue.SimpleQueue[tuple[int, int, threading.Lock] | None] | None = None
+
+    def enter(self, deadline: float) -> bool:
+        """Take a ticket and wait, until `deadline` at most, for the one before; True if queued."""
+        if self.off:
+            return False
+        try:
+            if self.fd is None:
+                self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            ticket = self._take_ticket()
+        except OSError as exc:
+            log.warning("write queue %s is off: %s", self.path, exc)
+            self.off = True
+            return False
+        if ticket is None:
+            return False  # the ring wrapped onto a slot still held
+        if ticket > 0:
+            self._wait_for(_QUEUE_FIRST_SLOT + (ticket - 1) % QUEUE_SLOTS, deadline)
+        return True
+
+    def leave(self) -> None:
+        """Let the next ticket go (after COMMIT or ROLLBACK)."""
+        if self.slot is not None and self.fd is not None:
+            _ofd_lock(self.fd, fcntl.F_OFD_SETLK, fcntl.F_UNLCK, self.slot)
+        self.slot = None
+
+    def close(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)  # releases its slot too
+        if self.waits is not None:
+            self.waits.put(None)
+        self.fd, self.slot, self.waits = None, None, None
+
+    def _take_ticket(self) -> int | None:
+        fd = self.fd
+        _ofd_lock(fd, fcntl.F_OFD_SETLKW, fcntl.F_WRLCK, 0, _QUEUE_TICKET.size)
+        try:
+            raw = os.pread(fd, _QUEUE_TICKET.size, 0)
+            ticket = _QUEUE_TICKET.unpack(raw)[0] if len(raw) == _QUEUE_TICKET.size else 0
+            slot = _QUEUE_FIRST_SLOT + ticket % QUEUE_SLOTS
+            try:
+                _ofd_lock(fd, fcntl.F_OFD_SETLK, fcntl.F_WRLCK, slot)
+            except BlockingIOError:
+                return None
+            os.pwrite(fd, _QUEUE_TICKET.pack(ticket + 1), 0)
+        finally:
+            _ofd_lock(fd, fcntl.F_OFD_SETLK, fcntl.F_UNLCK, 0, _QUEUE_TICKET.size)
+        self.slot = slot
+        return ticket
+
+    def _wait_for(self, slot: int, deadline: float) -> None:
+        """Until the holder of `slot` leaves (or dies), or `deadline`.
+
+        A lock wait cannot time out, so this connection's helper thread
+        waits (on a duplicate of the descriptor: the same owner, and safe
+        from the descriptor's reuse) while the caller waits on an event with
+        a timeout; a wait past the deadline is left to finish on its own.
+        """
+        try:
+            _ofd_lock(self.fd, fcntl.F_OFD_SETLK, fcntl.F_RDLCK, slot)
+        except BlockingIOError:
+            pass
+        else:
+            _ofd_lock(self.fd, fcntl.F_OFD_SETLK, fcntl.F_UNLCK, slot)
+            return
+        if self.waits is None:
+            self.waits = queue.SimpleQueue()
+            threading.Thread(
+                target=_wait_in_line, args=(self.waits,), name="lite write queue", daemon=True
+            ).start()
+        done = threading.Lock()  # released by the helper: cheaper than an Event
+        done.acquire()
+        self.waits.put((os.dup(self.fd), slot, done))
+        done.acquire(timeout=max(0.0, deadline - time.monotonic()))
+
+
+def _wait_in_line(waits: "queue.SimpleQueue[tuple[int, int, threading.Lock] | None]") -> None:
+    """A WriteQueue's helper thread: each wait asked for, one after another, until None."""
+    while (wait := waits.get()) is not None:
+        fd, slot, done = wait
+        try:
+            _ofd_lock(fd, fcntl.F_OFD_SETLKW, fcntl.F_RDLCK, slot)
+            _ofd_lock(fd, fcntl.F_OFD_SETLK, fcntl.F_UNLCK, slot)
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
+            done.release()
+
+
+def _ofd_lock(fd: int, command: int, lock_type: int, start: int, length: int = 1) -> None:
+    fcntl.fcntl(fd, command, _FLOCK.pack(lock_type, os.SEEK_SET, start, length, 0))
 
 
 class _Registry:
@@ -476,12 +610,18 @@ def _primary_code(exc: sqlite3.Error) -> int:
     return (getattr(exc, "sqlite_errorcode", None) or 0) & 0xFF
 
 
-def retrying(conn: sqlite3.Connection, attempt: Callable[[], Any], figures: Figures) -> Any:
+def retrying(
+    conn: sqlite3.Connection,
+    attempt: Callable[[], Any],
+    figures: Figures,
+    deadline: float | None = None,
+) -> Any:
     """Run `attempt()`, retrying on busy/locked until LOCK_BUDGET_MS is spent.
 
     For any sqlite3 connection whose busy timeout is BUSY_POLL_MS
     (apply_pragmas); busy retries and time are counted in `figures`. Raises
-    the last sqlite3.Error when the budget is spent or the error is not
+    the last sqlite3.Error when the budget is spent (at `deadline`, a
+    time.monotonic(); default LOCK_BUDGET_MS from now) or the error is not
     busy/locked. The wait is sliced: SQLite's busy handler waits at most
     BUSY_POLL_MS per attempt, then this loop sleeps a jittered moment and
     tries again. Left to wait the whole budget itself, SQLite's handler backs
@@ -492,7 +632,8 @@ def retrying(conn: sqlite3.Connection, attempt: Callable[[], Any], figures: Figu
     (tests/test_db.py::test_busy_without_wait_is_retried).
     """
     started = time.monotonic()
-    deadline = started + LOCK_BUDGET_MS / 1000
+    if deadline is None:
+        deadline = started + LOCK_BUDGET_MS / 1000
     narrowed = False
     try:
         while True:
@@ -726,13 +867,22 @@ def _write(
     if refused is not None:
         _note(conn.figures, "write_failures")
         raise Unavailable(f"database files changed: {refused}")
+    deadline = time.monotonic() + LOCK_BUDGET_MS / 1000
+    # A transaction runs Python while it holds the lock: it waits its turn
+    # in the queue first. A single statement holds it only inside SQLite.
+    queued = not one_statement and _queue_up(conn, deadline)
     try:
-        result = retrying(conn, statement if one_statement else in_transaction, conn.figures)
+        result = retrying(
+            conn, statement if one_statement else in_transaction, conn.figures, deadline
+        )
     except sqlite3.Error as exc:
         failure = _failed(conn, "write", what, exc)
         if failure is exc:
             raise
         raise failure from exc
+    finally:
+        if queued:
+            conn.queue.leave()
     # Removed in the moment since the look above, the file may hold this
     # commit alone: then it is in the copy _refuse saves.
     if (changed := _file_changed(conn)) is not None:
@@ -740,6 +890,17 @@ def _write(
     else:
         _checkpoint_now_and_then(conn)
     return result
+
+
+def _queue_up(conn: Connection, deadline: float) -> bool:
+    """Wait in the connection's write queue; True if it holds a ticket to leave."""
+    began = time.monotonic()
+    queued = conn.queue.enter(deadline)
+    waited = time.monotonic() - began
+    conn.figures.write_lock_wait_s += waited
+    if listeners:
+        _tell("write_lock_wait_s", waited)
+    return queued
 
 
 def _read(cur: sqlite3.Cursor, fetch: Callable[[], Any], what: str) -> Any:

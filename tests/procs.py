@@ -23,6 +23,11 @@ def event():
     return _ctx.Event()
 
 
+def barrier(parties):
+    """A barrier for processes from start() (and the test): all ready before the clock starts."""
+    return _ctx.Barrier(parties)
+
+
 def start(target, args_list):
     """Start one process per args tuple; returns (processes, results queue)."""
     results = _ctx.Queue()
@@ -108,3 +113,26 @@ def increment_once_more_after(db_path, go):
     except lite_db.Unavailable:
         return True
     return False
+
+
+def write_in_turn(db_path, ready, delay_s, hold_s, budget_ms=None):
+    """Once all are `ready`, after `delay_s`, one write transaction holding the lock `hold_s`.
+
+    Returns time.monotonic() as its work began, or None if it was refused.
+    """
+    if budget_ms is not None:
+        lite_db.LOCK_BUDGET_MS = budget_ms
+    cur = lite_db.cursor(db_path)
+    ready.wait(60)
+    time.sleep(delay_s)
+
+    def work(cur):
+        began = time.monotonic()
+        cur.execute("UPDATE counters SET value = value + 1 WHERE name = 'hits'")
+        time.sleep(hold_s)
+        return began
+
+    try:
+        return lite_db.write(cur, work)
+    except lite_db.Unavailable:
+        return None

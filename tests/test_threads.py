@@ -68,15 +68,17 @@ def test_connections_of_ended_threads_are_closed_so_none_pile_up(app, db_path):
     assert lite_db.figures()["writes"] >= 50  # the closed connections' figures are kept
 
 
-def test_threads_of_one_process_increment_exactly(app, other):
+def test_threads_of_one_process_increment_exactly(app, other, db_path):
     app.get("/lite/get", status=200)
-    values = _in_threads(
-        THREADS,
-        lambda _: [app.post("/lite/inc", status=200).json["value"] for _ in range(INCREMENTS)],
-    )
-    acked = sorted(value for one in values for value in one)
+
+    def increment(_):
+        values = [app.post("/lite/inc", status=200).json["value"] for _ in range(INCREMENTS)]
+        return values, lite_db.connect(db_path).thread is threading.current_thread()
+
+    results = _in_threads(THREADS, increment)
+    acked = sorted(value for values, _ in results for value in values)
     assert acked == list(range(1, THREADS * INCREMENTS + 1))
-    assert lite_db.figures()["connections"] >= THREADS
+    assert all(own for _, own in results)  # each thread used a connection of its own
 
 
 def _threads_through_the_app(db_path, config_path, gate):

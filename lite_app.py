@@ -23,8 +23,8 @@ response ever carries a traceback, SQL or driver text.
 lite_db.Unavailable becomes the 503 in one place, the plugin.
 
 `make_app(db_path, config_path)` builds the app; paths default to
-$LITE_DB_PATH and $LITE_CONFIG_PATH, else data/lite.db and config.ini beside
-this file. The page's template, lite_page.tpl, is found beside this file.
+$LITE_DB_PATH and $LITE_CONFIG_PATH, else data/lite.db and config.ini in the
+working directory. The page's template is the module lite_page.
 `application` is the WSGI entry point for mod_wsgi.
 """
 

@@ -203,7 +203,7 @@ class Connection(sqlite3.Connection):
         self.files: dict[str, tuple[int, int]] = {}
         # Why its -wal or -shm is not the one the other processes use; None if it is.
         self.split: str | None = None
-        self.queue = WriteQueue(path)  # opened at its first transaction
+        self.queue = WriteQueue(path)  # its file opened at the first transaction
 
     def close(self) -> None:
         self.queue.close()
@@ -411,6 +411,7 @@ def _open(path: str, create: bool) -> Connection:
         check_same_thread=False,
     )
     conn.path = path  # not the URI it was opened by
+    conn.queue = WriteQueue(path)
     try:
         conn.row_factory = sqlite3.Row
         # Checkpoints are run by _checkpoint_now_and_then, not after every
@@ -465,14 +466,16 @@ def _held_files(path: str) -> dict[str, tuple[tuple[int, int], int]]:
         return {}
     for fd in fds:
         try:
-            link = os.readlink(f"/proc/self/fd/{fd}")
-            name = names.get(link.removesuffix(" (deleted)"))
+            before = os.stat(f"/proc/self/fd/{fd}")
+            name = names.get(os.readlink(f"/proc/self/fd/{fd}").removesuffix(" (deleted)"))
             if name is None:
                 continue
             held = os.stat(f"/proc/self/fd/{fd}")
         except OSError:
             continue  # closed meanwhile
         identity = (held.st_dev, held.st_ino)
+        if identity != (before.st_dev, before.st_ino):
+            continue  # closed and reused by another thread meanwhile
         if name in found and found[name][0] != identity:
             raise sqlite3.DatabaseError(f"{name}: two different files are open under that name")
         found[name] = (identity, int(fd))
@@ -490,19 +493,37 @@ def _split_from_others(path: str, held: dict[str, tuple[tuple[int, int], int]]) 
     process caught between locking the database and mapping the -shm, or a
     checkpoint truncating the WAL, is not taken for a split.
     """
-    shm = held.get(path + "-shm")
-    wal = held.get(path + "-wal")
-    database = held.get(path)
-    if shm is None or wal is None or database is None:
-        return None
     deadline = time.monotonic() + SPLIT_CHECK_S
     while True:
+        files = [held.get(path + suffix) for suffix in DATABASE_FILE_SUFFIXES]
+        if None in files:
+            return None
+        database, wal, shm = files
         reason = _other_shm_users(path, database[1], shm[1]) or _wal_unlike_index(
             path, wal[1], shm[1]
         )
-        if reason is None or time.monotonic() >= deadline:
+        if reason is None:
+            return None
+        # Another thread may have closed a descriptor and reused its number
+        # meanwhile: an answer counts only if each still names its file.
+        if _still_open(files) and time.monotonic() >= deadline:
             return reason
+        if time.monotonic() >= deadline + SPLIT_CHECK_S:
+            return None  # never a stable look: no evidence of a split
         time.sleep(SPLIT_CHECK_S / 10)
+        held = _held_files(path)
+
+
+def _still_open(files: list[tuple[tuple[int, int], int]]) -> bool:
+    """Whether each descriptor still refers to the file it was found open on."""
+    for identity, fd in files:
+        try:
+            now = os.fstat(fd)
+        except OSError:
+            return False
+        if (now.st_dev, now.st_ino) != identity:
+            return False
+    return True
 
 
 def _other_shm_users(path: str, database_fd: int, shm_fd: int) -> str | None:

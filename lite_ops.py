@@ -257,7 +257,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     command.add_argument("db")
     command.add_argument("config")
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help, --version (0) or bad usage (2), already printed
+        return int(exc.code or 0)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     if args.command == "backup":
         try:

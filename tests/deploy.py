@@ -25,7 +25,7 @@ APP_FILES = (
     "lite_counters.py",
     "lite_config.py",
     "lite_ops.py",
-    "lite_page.tpl",
+    "lite_page.py",
 )
 
 

@@ -230,7 +230,7 @@ def test_the_plugin_refuses_a_second_plugin_for_the_same_keyword(db_path, config
         app.install(lite_app.LitePlugin(db_path, str(config_path)))
 
 
-def test_import_opens_nothing_and_paths_come_from_env_or_file(tmp_path):
+def test_import_opens_nothing_and_paths_come_from_env_or_the_working_directory(tmp_path):
     db = tmp_path / "env.db"
     code = (
         "import lite_app, lite_db, os\n"
@@ -253,4 +253,6 @@ def test_import_opens_nothing_and_paths_come_from_env_or_file(tmp_path):
         text=True,
         check=True,
     ).stdout
-    assert out.split()[:2] == [f"{ROOT}/data/lite.db", f"{ROOT}/config.ini"]
+    # The working directory's, as under mod_wsgi's home= or gunicorn's --chdir
+    # (the module's own directory is site-packages once installed).
+    assert out.split()[:2] == [f"{tmp_path}/data/lite.db", f"{tmp_path}/config.ini"]

@@ -40,11 +40,14 @@ def test_the_benchmark_runs_and_lite_loses_nothing(tmp_path):
         "lite-full",
         "naive",
         "lite-prev",
+        "django",
+        "django-lite",
     }
     assert report["machine"]["sqlite"]
     assert "ratio_to_lite-prev" in report["summary"]["lite"]["wrk_inc"]
     assert "ratio_to_minimal" in report["summary"]["lite"]["wrk_get"]
-    for app in ("lite", "lite-full", "lite-prev"):
+    assert "p99_ratio_to_django" in report["summary"]["django-lite"]["wrk_inc"]
+    for app in ("lite", "lite-full", "lite-prev", "django", "django-lite"):
         for key, figures in report["summary"][app].items():
             assert figures["non_2xx_total"] == 0, (app, key)
             assert figures["socket_errors"] == 0, (app, key)

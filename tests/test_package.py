@@ -2,7 +2,8 @@
 clean venv holds lite's modules, the Django backend and the license, and
 nothing of bench/, tests/ or examples/; installed alone, the core imports
 with the standard library only and `lite` works; with its extras, every
-module imports."""
+module imports; pip builds the same wheel from a git URL (the committed
+tree)."""
 
 import os
 import shutil
@@ -83,3 +84,14 @@ def test_with_its_extras_every_module_imports(wheel):
     code = "import " + ", ".join(MODULES + ADAPTERS) + "; print(lite_app.application)"
     out = _run(str(work / "venv" / "bin" / "python"), "-c", code, cwd=work)
     assert "Bottle" in out
+
+
+def test_pip_builds_the_same_wheel_from_a_git_url(wheel, tmp_path):
+    if not os.path.isdir(os.path.join(ROOT, ".git")):
+        pytest.fail("not a git checkout")
+    work, built = wheel
+    pip = str(work / "venv" / "bin" / "pip")
+    _run(pip, "wheel", "-q", "--no-deps", "-w", str(tmp_path), f"git+file://{ROOT}")
+    (from_git,) = tmp_path.iterdir()
+    assert from_git.name == built.name
+    assert sorted(zipfile.ZipFile(from_git).namelist()) == sorted(zipfile.ZipFile(built).namelist())

@@ -42,6 +42,7 @@ Contract:
   (event, amount) as it happens, so that metrics stay outside the core.
 """
 
+import atexit
 import logging
 import math
 import os
@@ -1052,6 +1053,19 @@ def close_all() -> None:
             registry.retire(key)
         registry.closed_figures = Figures()
         registry.refused = {}
+
+
+def _close_at_exit() -> None:
+    # The last connection to close checkpoints the WAL and removes -wal and
+    # -shm. Left to interpreter teardown, connections are not always freed
+    # (a live helper thread of the write queue is enough to prevent it).
+    try:
+        close_all()
+    except sqlite3.Error as exc:
+        log.warning("closing lite's connections at exit: %s", exc)
+
+
+atexit.register(_close_at_exit)
 
 
 def figures() -> dict[str, Any]:

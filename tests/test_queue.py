@@ -6,6 +6,8 @@ queue is off and writes go on."""
 import logging
 import os
 import sqlite3
+import subprocess
+import sys
 import time
 
 import procs
@@ -76,3 +78,28 @@ def test_without_its_file_the_queue_is_off_and_writes_go_on(counting, caplog):
         )
     assert "write queue" in caplog.text and "is off" in caplog.text
     assert lite_counters.increment(cur, "hits") == ("hits", 2)
+
+
+def test_processes_that_waited_in_line_leave_no_wal_behind_at_exit(db_path):
+    """The last connection to close removes -wal and -shm, a helper thread or not."""
+    code = (
+        "import sys, time, lite_db\n"
+        "cur = lite_db.cursor(sys.argv[1])\n"
+        "time.sleep(float(sys.argv[2]))\n"
+        "lite_db.write(cur, lambda c: (c.execute('SELECT 1'), time.sleep(float(sys.argv[3]))))\n"
+    )
+    env = {**os.environ, "PYTHONPATH": os.path.dirname(os.path.dirname(__file__))}
+
+    def python(*args):
+        return subprocess.Popen([sys.executable, "-c", code, db_path, *args], env=env)
+
+    holder, waiter = python("0", "0.8"), python("0.3", "0")  # the waiter queues behind
+    try:
+        assert holder.wait(30) == 0 and waiter.wait(30) == 0
+    finally:
+        for process in (holder, waiter):
+            if process.poll() is None:
+                process.kill()  # by PID
+                process.wait(10)
+    assert os.path.exists(db_path + lite_db.QUEUE_SUFFIX)  # they did queue
+    assert not os.path.exists(db_path + "-wal") and not os.path.exists(db_path + "-shm")

@@ -31,6 +31,7 @@ working directory. The page's template is the module lite_page.
 import datetime
 import json
 import logging
+import logging.handlers
 import os
 import re
 import sqlite3
@@ -446,6 +447,12 @@ def make_app(
             raise _no_counter(name) from None
         return {"counter": name, "value": value}
 
+    @app.get("/lite/live", skip=[plugin])
+    def live() -> dict[str, Any]:
+        """Liveness: the process answers. Touches neither the database nor config.ini."""
+        bottle.response.set_header("Cache-Control", "no-store")
+        return {"status": "alive", "pid": os.getpid()}
+
     @app.get("/lite/health")
     def health(db: sqlite3.Cursor) -> dict[str, Any]:
         problem = lite_ops.health(db)
@@ -473,16 +480,53 @@ def make_app(
     return app
 
 
-def _log_to_stderr_under_mod_wsgi() -> None:
-    # Under mod_wsgi, stderr goes to Apache's error log; elsewhere the caller
-    # (tests, a runner) decides where log lines go.
-    if "mod_wsgi" in sys.modules and not logging.getLogger().handlers:
-        logging.basicConfig(
-            level=logging.INFO,
-            stream=sys.stderr,
-            format="lite[%(process)d] %(levelname)s %(name)s: %(message)s",
+class JsonLines(logging.Formatter):
+    """One JSON object per event: time (UTC, ISO 8601), level, logger, pid, message."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        event = {
+            "time": datetime.datetime.fromtimestamp(record.created, datetime.UTC).isoformat(),
+            "level": record.levelname,
+            "logger": record.name,
+            "pid": record.process,
+            "message": record.getMessage(),
+        }
+        if record.exc_info:
+            event["exception"] = self.formatException(record.exc_info)
+        return json.dumps(event, ensure_ascii=False)
+
+
+def log_handler(log_format: str, path: str | None) -> logging.Handler:
+    """Where lite's log lines go: `path` (reopened when rotated away) or stderr.
+
+    `log_format`: "plain" (the default: "lite[PID] LEVEL logger: message") or
+    "json" (JsonLines). Raises ValueError for another format.
+    """
+    if log_format not in ("plain", "json"):
+        raise ValueError(f"LITE_LOG_FORMAT must be plain or json, not {log_format!r}")
+    handler: logging.Handler
+    if path:
+        handler = logging.handlers.WatchedFileHandler(path, encoding="utf-8")
+    else:
+        handler = logging.StreamHandler(sys.stderr)
+    if log_format == "json":
+        handler.setFormatter(JsonLines())
+    else:
+        handler.setFormatter(
+            logging.Formatter("lite[%(process)d] %(levelname)s %(name)s: %(message)s")
         )
+    return handler
 
 
-_log_to_stderr_under_mod_wsgi()
+def _configure_logging() -> None:
+    # Under mod_wsgi, stderr goes to Apache's error log; elsewhere the caller
+    # (tests, a runner) decides where log lines go, unless LITE_LOG_FILE says.
+    path = os.environ.get("LITE_LOG_FILE")
+    root = logging.getLogger()
+    if ("mod_wsgi" in sys.modules or path) and not root.handlers:
+        root.addHandler(log_handler(os.environ.get("LITE_LOG_FORMAT", "plain"), path))
+        root.setLevel(logging.INFO)
+
+
+_configure_logging()
 application = make_app()

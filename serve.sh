@@ -17,6 +17,11 @@
 #   LITE_WSGI_SCRIPT  the script in $LITE_HOME/app to serve (default
 #                     lite_app.py; the benchmark serves its own apps)
 #   LITE_PROCESSES, LITE_THREADS  the mod_wsgi daemons (default 20 x 1)
+#   LITE_ACCESS_LOG_ROTATE  when rotatelogs starts a new access log: a size
+#                     (default 10M) or seconds; LITE_ACCESS_LOG_FILES: how
+#                     many it keeps (default 5)
+#   LITE_LOG_FORMAT   plain (default: lite's log lines in error.log) or json
+#                     (one JSON object per line in apache/logs/lite.jsonl)
 #
 # The Apache is private: its own ServerRoot ($LITE_HOME/apache), PidFile,
 # logs and port; it includes the shipped lite.conf as it is, and leaves the
@@ -35,6 +40,8 @@ PIDFILE=$APACHE_DIR/run/httpd.pid
 URL=http://127.0.0.1:$LITE_PORT/lite
 START_TIMEOUT_S=60
 STOP_TIMEOUT_S=30
+ACCESS_LOG_ROTATE=${LITE_ACCESS_LOG_ROTATE:-10M}
+ACCESS_LOG_FILES=${LITE_ACCESS_LOG_FILES:-5}
 
 say() { echo "serve: $*"; }
 fail() {
@@ -60,6 +67,11 @@ DefaultRuntimeDir "$APACHE_DIR/run"
 Mutex file:$APACHE_DIR/run default
 ErrorLog "$APACHE_DIR/logs/error.log"
 LogLevel warn
+# The access log: combined format and the time taken in microseconds (%D),
+# piped to rotatelogs, which starts a new file every $ACCESS_LOG_ROTATE
+# without a restart and keeps $ACCESS_LOG_FILES (access.log, access.log.1 ...).
+LogFormat "%h %l %u %t \\"%r\\" %>s %b \\"%{Referer}i\\" \\"%{User-Agent}i\\" %D" lite_access
+CustomLog "|/usr/bin/rotatelogs -f -n $ACCESS_LOG_FILES $APACHE_DIR/logs/access.log $ACCESS_LOG_ROTATE" lite_access
 
 LoadModule mpm_event_module /usr/lib/apache2/modules/mod_mpm_event.so
 LoadModule authz_core_module /usr/lib/apache2/modules/mod_authz_core.so
@@ -129,7 +141,17 @@ start() {
     fi
     install_lite
     say "starting Apache on 127.0.0.1:$LITE_PORT"
+    local log_file=
+    if [ "${LITE_LOG_FORMAT:-plain}" = json ]; then
+        # JSON lines go to a file of their own (Apache would prefix each line
+        # in error.log), which the daemon user appends to.
+        log_file=$APACHE_DIR/logs/lite.jsonl
+        install -o "$LITE_USER" -g "$LITE_GROUP" -m 0640 /dev/null "$log_file.new"
+        [ -e "$log_file" ] || mv "$log_file.new" "$log_file"
+        rm -f "$log_file.new"
+    fi
     env LANG=C.UTF-8 LC_ALL=C.UTF-8 LITE_SYNCHRONOUS="${LITE_SYNCHRONOUS:-NORMAL}" \
+        LITE_LOG_FORMAT="${LITE_LOG_FORMAT:-plain}" LITE_LOG_FILE="$log_file" \
         /usr/sbin/apache2 -f "$APACHE_DIR/httpd.conf" -k start
     if ! wait_until_serving; then
         tail -n 20 "$APACHE_DIR/logs/error.log" >&2 || true
@@ -138,7 +160,7 @@ start() {
     fi
     say "lite is up: $URL (Apache PID $(running_pid), ${LITE_PROCESSES:-20} daemons" \
         "x ${LITE_THREADS:-1} threads as $LITE_USER)"
-    say "logs: $APACHE_DIR/logs/error.log; stop with: $0 stop"
+    say "logs: $APACHE_DIR/logs/error.log and access.log; stop with: $0 stop"
 }
 
 DB=$LITE_HOME/app/data/lite.db

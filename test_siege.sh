@@ -37,6 +37,12 @@ DB=$LITE_HOME/app/data/lite.db
 ERROR_LOG=$LITE_HOME/apache/logs/error.log
 SIEGERC=$(cd "$(dirname "$0")" && pwd)/siegerc # siege's settings, for repeatable runs
 
+if ! command -v siege >/dev/null; then
+    echo "test_siege: siege is not installed: apt-get install siege (scripts/setup.sh --dev" \
+        "installs it with the other test tools; ./serve.sh installs only what serving needs)" >&2
+    exit 2
+fi
+
 WORK=$(mktemp -d)
 siege_pid=
 cleanup() {

@@ -1,16 +1,24 @@
 #!/usr/bin/env bash
-# Installs what lite needs on Debian: Apache, Debian's mod_wsgi (built for
-# /usr/bin/python3), siege and wrk from apt; with --dev, also .venv (made from
-# /usr/bin/python3) with the test tools of requirements-dev.txt, Debian's
-# Chromium and ChromeDriver for the browser test, and Django's source
-# distribution (its own tests) in build/.
+# Installs what lite needs on Debian to serve: Apache and Debian's mod_wsgi
+# (built for /usr/bin/python3) from apt; with --dev, also what the tests
+# need: siege, wrk, Debian's Chromium and ChromeDriver, .venv (made from
+# /usr/bin/python3) with the test tools of requirements-dev.txt, and
+# Django's source distribution (its own tests) in build/.
 # Idempotent: installs only what is missing. Needs root for apt-get.
+# `--list` (after --dev, or alone) prints the Debian packages and installs nothing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-PACKAGES=(apache2 libapache2-mod-wsgi-py3 siege wrk python3 python3-venv ca-certificates)
+# Serving needs Apache, mod_wsgi (with rotatelogs, from apache2-utils) and Python.
+PACKAGES=(apache2 apache2-utils libapache2-mod-wsgi-py3 python3 python3-venv ca-certificates)
 if [ "${1:-}" = "--dev" ]; then
-    PACKAGES+=(chromium chromium-driver fonts-liberation)
+    # The load tools and the browser are the tests' (and the benchmark's).
+    PACKAGES+=(siege wrk chromium chromium-driver fonts-liberation)
+fi
+
+if [ "${2:-${1:-}}" = "--list" ]; then
+    echo "${PACKAGES[*]}" # what it would install: --list, or --dev --list
+    exit 0
 fi
 
 missing=()

@@ -294,8 +294,9 @@ class WriteQueue:
 
         A lock wait cannot time out, so this connection's helper thread
         waits (on a duplicate of the descriptor: the same owner, and safe
-        from the descriptor's reuse) while the caller waits on an event with
-        a timeout; a wait past the deadline is left to finish on its own.
+        from the descriptor's reuse) while the caller waits with a timeout.
+        A wait past the deadline is left to its helper, which exits once it
+        ends; the next wait gets a new helper, not a place behind it.
         """
         try:
             _ofd_lock(self.fd, fcntl.F_OFD_SETLK, fcntl.F_RDLCK, slot)
@@ -312,7 +313,9 @@ class WriteQueue:
         done = threading.Lock()  # released by the helper: cheaper than an Event
         done.acquire()
         self.waits.put((os.dup(self.fd), slot, done))
-        done.acquire(timeout=max(0.0, deadline - time.monotonic()))
+        if not done.acquire(timeout=max(0.0, deadline - time.monotonic())):
+            self.waits.put(None)
+            self.waits = None
 
 
 def _wait_in_line(waits: "queue.SimpleQueue[tuple[int, int, threading.Lock] | None]") -> None:

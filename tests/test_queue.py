@@ -8,6 +8,7 @@ import os
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 
 import procs
@@ -103,3 +104,25 @@ def test_processes_that_waited_in_line_leave_no_wal_behind_at_exit(db_path):
                 process.wait(10)
     assert os.path.exists(db_path + lite_db.QUEUE_SUFFIX)  # they did queue
     assert not os.path.exists(db_path + "-wal") and not os.path.exists(db_path + "-shm")
+
+
+def test_a_wait_left_behind_a_stalled_place_does_not_hold_up_the_next(db_path, monkeypatch):
+    """A place held and never given up (a stopped process): the one behind it
+    waits its budget once; the connection's next wait is not stuck behind that."""
+    monkeypatch.setattr(lite_db, "LOCK_BUDGET_MS", 500)
+    stalled, blocker = lite_db.WriteQueue(db_path), lite_db.WriteQueue(db_path)
+    cur = lite_db.cursor(db_path)
+    lite_db.write(cur, lambda c: c.execute("CREATE TABLE t (x)"))
+    try:
+        assert stalled.enter(time.monotonic() + 1)  # holds its place from now on
+        began = time.monotonic()
+        lite_db.write(cur, lambda c: c.execute("INSERT INTO t VALUES (1)"))
+        assert time.monotonic() - began >= 0.45  # waited its budget behind it, then wrote
+        assert blocker.enter(time.monotonic() + 1)  # next in line, for 0.2 s
+        threading.Timer(0.2, blocker.leave).start()
+        began = time.monotonic()
+        lite_db.write(cur, lambda c: c.execute("INSERT INTO t VALUES (2)"))
+        assert time.monotonic() - began < 0.45  # woken when the blocker left
+    finally:
+        stalled.close()
+        blocker.close()

@@ -43,6 +43,7 @@ Contract:
 """
 
 import atexit
+import contextlib
 import logging
 import math
 import os
@@ -271,6 +272,12 @@ class WriteQueue:
         if self.waits is not None:
             self.waits.put(None)
         self.fd, self.slot, self.waits = None, None, None
+
+    def __del__(self) -> None:
+        # E.g. the queue of a Django connection whose thread has ended; at
+        # interpreter exit the modules close() needs may already be gone.
+        with contextlib.suppress(Exception):
+            self.close()
 
     def _take_ticket(self) -> int | None:
         fd = self.fd

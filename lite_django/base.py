@@ -56,8 +56,12 @@ class DatabaseWrapper(base.DatabaseWrapper):
         except BaseException:
             conn.close()
             raise
+        path = str(conn_params["database"])
+        if self.lite_queue is not None and self.lite_queue.path != path + lite_db.QUEUE_SUFFIX:
+            self.lite_queue.close()  # NAME changed (the test runner's database)
+            self.lite_queue = None
         if self.lite_queue is None and not self.is_in_memory_db():
-            self.lite_queue = lite_db.WriteQueue(str(conn_params["database"]))
+            self.lite_queue = lite_db.WriteQueue(path)
         return conn
 
     def create_cursor(self, name: str | None = None) -> Any:

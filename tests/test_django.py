@@ -147,3 +147,28 @@ def test_eight_processes_increment_exactly_through_the_example_view(database):
     assert None not in values
     assert sorted(values) == list(range(before + 1, before + 801))
     assert Counter.objects.get(name="misses").value == before + 800
+
+
+def test_connections_of_ended_threads_leave_no_queue_file_open(database):
+    """As a thread-per-request server would: each thread's connection queues once."""
+    import gc
+
+    from django.db import connection, transaction
+    from django_counter.models import Counter
+
+    def write_once():
+        with transaction.atomic():
+            Counter.objects.filter(name="misses").update(value=0)
+        connection.close()
+
+    for _ in range(20):
+        thread = threading.Thread(target=write_once)
+        thread.start()
+        thread.join(30)
+    gc.collect()
+    held = [
+        fd
+        for fd in os.listdir("/proc/self/fd")
+        if os.path.realpath(f"/proc/self/fd/{fd}") == database + lite_db.QUEUE_SUFFIX
+    ]
+    assert len(held) <= 1, held  # at most this thread's own wrapper's

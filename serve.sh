@@ -49,11 +49,51 @@ fail() {
     exit 1
 }
 
+# The PID of this lite's Apache parent, from its PidFile; fails if it does not
+# run. A PID that now belongs to another process is not taken for it.
 running_pid() {
     local pid
     [ -f "$PIDFILE" ] || return 1
     pid=$(cat "$PIDFILE")
-    [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null && echo "$pid"
+    [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null || return 1
+    case "$(command_line "$pid")" in
+        "/usr/sbin/apache2 -f $APACHE_DIR/httpd.conf "*) echo "$pid" ;;
+        *) return 1 ;;
+    esac
+}
+
+command_line() { tr '\0' ' ' 2>/dev/null <"/proc/$1/cmdline" || true; }
+
+# PIDs of this lite's Apache processes, by the command line that names its
+# own httpd.conf (and its access log, for rotatelogs): after the parent is
+# killed, its workers and mod_wsgi daemons live on, holding the port and
+# the database.
+own_processes() {
+    local dir
+    for dir in /proc/[0-9]*; do
+        case "$(command_line "${dir#/proc/}")" in
+            *" -f $APACHE_DIR/httpd.conf "* | *"rotatelogs "*" $APACHE_DIR/logs/access.log "*)
+                echo "${dir#/proc/}"
+                ;;
+        esac
+    done
+}
+
+# Stop, by PID, what an Apache that lost its parent left running.
+stop_orphans() {
+    local pids waited=0
+    pids=$(own_processes)
+    [ -n "$pids" ] || return 0
+    say "stopping what an earlier Apache left running without its parent (PIDs" $pids")"
+    # shellcheck disable=SC2086 # one PID a word
+    kill -TERM $pids 2>/dev/null || true
+    # Without their parent they stop at once or not at all: 5 s, then SIGKILL.
+    while pids=$(own_processes) && [ -n "$pids" ] && [ "$waited" -lt 50 ]; do
+        sleep 0.1
+        waited=$((waited + 1))
+    done
+    # shellcheck disable=SC2086
+    [ -z "$pids" ] || kill -KILL $pids 2>/dev/null || true
 }
 
 write_httpd_conf() {
@@ -139,6 +179,8 @@ start() {
         say "already running (PID $pid): $URL"
         return 0
     fi
+    rm -f "$PIDFILE" # stale: Apache would take a live PID in it for itself
+    stop_orphans
     install_lite
     say "starting Apache on 127.0.0.1:$LITE_PORT"
     local log_file=
@@ -209,6 +251,7 @@ stop() {
     if ! pid=$(running_pid); then
         say "not running"
         rm -f "$PIDFILE"
+        stop_orphans
         return 0
     fi
     # SIGTERM: Apache stops its workers and the mod_wsgi daemons, then exits.
@@ -223,6 +266,7 @@ stop() {
         waited=$((waited + 1))
     done
     rm -f "$PIDFILE"
+    stop_orphans # e.g. the daemons of a parent that had to be killed
     say "stopped (PID $pid)"
 }
 

@@ -51,11 +51,12 @@ def children(pid):
 
 
 def alive(pid):
+    """Whether `pid` runs: a zombie (dead, not yet reaped by whoever adopted it) does not."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (FileNotFoundError, ProcessLookupError):
         return False
-    return True
 
 
 def read_only_query(path, sql, params=()):

@@ -1,14 +1,18 @@
 """The private Apache as a service: an access log with each request's time in
 microseconds, rotated by rotatelogs without a restart, from which p99 is read
 as docs/operations.md shows; /lite/live from every daemon; lite's own log
-lines as JSON objects in their own file (LITE_LOG_FORMAT=json)."""
+lines as JSON objects in their own file (LITE_LOG_FORMAT=json); after the
+Apache parent is SIGKILLed, `serve.sh start` stops its orphans by PID and
+starts cleanly; a PidFile naming another process is not taken for Apache."""
 
 import json
 import os
 import re
+import signal
 import subprocess
 import time
 
+import deploy
 import pytest
 
 pytestmark = [pytest.mark.apache, pytest.mark.slow]
@@ -89,3 +93,36 @@ def test_lite_log_lines_are_json_objects_in_their_own_file(deployment):
     with open(deployment.error_log) as f:
         assert "not applied" not in f.read()  # not in Apache's error log too
     deployment.write_config("[counters]\nhits = 0\nmisses = 0\n")
+
+
+def test_after_the_parent_is_killed_start_stops_its_orphans_and_starts_cleanly(deployment):
+    parent = deployment.apache_pid()
+    orphans = deploy.children(parent)
+    os.kill(parent, signal.SIGKILL)  # by PID: its workers and daemons live on
+    time.sleep(1)
+    assert all(deploy.alive(pid) for pid in orphans)  # holding the port and the database
+    started = deployment.script("serve.sh", "start")
+    assert started.returncode == 0, started.stdout + started.stderr
+    assert "stopping what an earlier Apache left running" in started.stdout
+    assert not any(deploy.alive(pid) for pid in orphans)
+    assert deployment.apache_pid() != parent
+    assert deployment.request("/lite/inc", data=b"counter=hits")[0] == 200
+
+
+def test_a_pidfile_naming_another_process_is_not_taken_for_apache(deployment):
+    assert deployment.script("serve.sh", "stop").returncode == 0
+    other = subprocess.Popen(["sleep", "60"])
+    try:
+        pidfile = os.path.join(deployment.home, "apache", "run", "httpd.pid")
+        with open(pidfile, "w") as f:
+            f.write(f"{other.pid}\n")  # a stale PidFile whose PID was reused
+        status = deployment.script("serve.sh", "status")
+        assert status.returncode == 3 and "not running" in status.stdout
+        started = deployment.script("serve.sh", "start")
+        assert started.returncode == 0, started.stdout + started.stderr
+        assert other.poll() is None  # left alone
+        assert deployment.apache_pid() != other.pid
+        assert deployment.request("/lite/live")[0] == 200
+    finally:
+        other.kill()  # by PID
+        other.wait(10)

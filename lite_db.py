@@ -928,10 +928,7 @@ def _queue_up(conn: Connection, deadline: float) -> bool:
     """Wait in the connection's write queue; True if it holds a ticket to leave."""
     began = time.monotonic()
     queued = conn.queue.enter(deadline)
-    waited = time.monotonic() - began
-    conn.figures.write_lock_wait_s += waited
-    if listeners:
-        _tell("write_lock_wait_s", waited)
+    _note(conn.figures, "write_lock_wait_s", time.monotonic() - began)
     return queued
 
 

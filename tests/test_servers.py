@@ -7,8 +7,8 @@ log.
 """
 
 import os
-import sqlite3
 
+import deploy
 import history
 import pytest
 import servers
@@ -29,11 +29,8 @@ CASES = {
 
 
 def _value(work):
-    conn = sqlite3.connect(os.path.join(work, "data", "lite.db"))
-    try:
-        return conn.execute("SELECT value FROM counters WHERE name = 'hits'").fetchone()[0]
-    finally:
-        conn.close()
+    path = os.path.join(work, "data", "lite.db")
+    return deploy.read_only_query(path, "SELECT value FROM counters WHERE name = 'hits'")[0][0]
 
 
 @pytest.mark.parametrize("argv", CASES.values(), ids=CASES.keys())

@@ -6,8 +6,11 @@ Routes (the app is mounted at the server root):
 - GET  /lite/get?counter=N   {"counter": N, "value": V}
 - GET  /lite/health          {"status": "ok"}, or 503 with the reason, when
                              the database cannot be read or written in time
-- GET  /lite/stats           figures of every server process and of the
-                             database (see README, Operations)
+- GET  /lite/stats           the metrics' figures, summed over every server
+                             process, and the database's (docs/operations.md)
+- GET  /lite/live            {"status": "alive", "pid": P}: the process
+                             answers (no database, no config.ini)
+- GET  /metrics              Prometheus text format (lite_metrics)
 - POST /lite/inc             counter=N, by=B (1..1000000, default 1):
                              {"counter": N, "value": new value}; with an
                              Idempotency-Key header, applied once per key
@@ -47,6 +50,7 @@ import bottle
 import lite_config
 import lite_counters
 import lite_db
+import lite_metrics
 import lite_ops
 import lite_page
 
@@ -279,8 +283,6 @@ class LitePlugin:
     lite_db.Unavailable, from opening the database or from the route, is a
     503 with Retry-After, here and nowhere else. A config check that fails
     is logged and tried again on the next request; the request goes on.
-    Keeps this process's request count and shares its figures with the
-    other processes (lite_ops.FigurePublisher).
     """
 
     name = "lite"
@@ -294,28 +296,11 @@ class LitePlugin:
         self.keyword = keyword
         self.create_database = create_database
         self.config = lite_config.ConfigWatcher(config_path)
-        self.publisher = lite_ops.FigurePublisher(db_path)
-        self.pid = os.getpid()
-        self.started_at = time.time()
-        self.requests = 0
 
     def setup(self, app: bottle.Bottle) -> None:
         for other in app.plugins:
             if isinstance(other, LitePlugin) and other.keyword == self.keyword:
                 raise bottle.PluginError(f"another plugin already provides {self.keyword!r}")
-
-    def figures(self) -> dict[str, Any]:
-        """This process's figures, as /lite/stats shows them."""
-        if self.pid != os.getpid():  # a forked child counts its own requests
-            self.pid, self.started_at, self.requests = os.getpid(), time.time(), 0
-        return {
-            "pid": self.pid,
-            "started_at": self.started_at,
-            "updated_at": time.time(),
-            "requests": self.requests,
-            **lite_db.figures(),
-            **self.config.figures(),
-        }
 
     def apply(self, callback: Callable[..., Any], route: bottle.Route) -> Callable[..., Any]:
         wants_cursor = self.keyword in route.get_callback_args()
@@ -337,8 +322,6 @@ class LitePlugin:
                 raise _unavailable() from None
             finally:
                 cur.close()
-                self.requests += 1
-                self.publisher.publish(self.figures)
 
         return wrapper
 
@@ -346,37 +329,37 @@ class LitePlugin:
         pass
 
 
-def _stats(plugin: LitePlugin, cur: sqlite3.Cursor) -> dict[str, Any]:
-    """Figures of every live process using the database, their sums, and the database's."""
-    own = plugin.figures()
-    plugin.publisher.publish(lambda: own, now=True)
-    processes = [
-        p for p in lite_ops.published_figures(plugin.db_path) if p.get("pid") != own["pid"]
-    ]
-    processes.append(own)
-    processes.sort(key=lambda figures: figures["pid"])
+def _stats(metrics: lite_metrics.Metrics, cur: sqlite3.Cursor) -> dict[str, Any]:
+    """The metrics' figures, summed over every process that served, and the database's."""
+    figures = metrics.totals(cur.connection.path)
     database = lite_ops.database_figures(cur)
-    checkpoints = [p["last_checkpoint_at"] for p in processes if p.get("last_checkpoint_at")]
-    database["last_checkpoint_at"] = max(checkpoints, default=None)
-    summed = [
-        name
-        for name, value in own.items()
-        if isinstance(value, int | float) and name not in _NOT_SUMMED
-    ]
-    totals = {name: sum(p.get(name) or 0 for p in processes) for name in summed}
-    for name in ("write_lock_wait_s", "db_time_s"):
-        totals[name] = round(totals[name], 6)
+    database["last_checkpoint_at"] = figures["last_checkpoint_at"]
     return {
-        "answered_by": own["pid"],
+        "answered_by": os.getpid(),
         "generated_at": time.time(),
-        "process_count": len(processes),
-        "totals": totals,
+        "process_count": figures["processes"],
+        "totals": figures["totals"],
         "database": database,
-        "processes": processes,
     }
 
 
-_NOT_SUMMED = ("pid", "started_at", "updated_at", "last_checkpoint_at")
+def _count_request() -> None:
+    """An after_request hook: count the request by its route's pattern and status."""
+    environ = bottle.request.environ
+    began = environ.get("lite.began")
+    if began is None:  # an error before the before_request hook ran
+        return
+    route = environ.get("bottle.route")
+    bottle.request.app.config["lite.metrics"].request(
+        route.rule if route else "unmatched",
+        bottle.request.method,
+        bottle.response.status_code,
+        time.monotonic() - began,
+    )
+
+
+def _start_clock() -> None:
+    bottle.request.environ["lite.began"] = time.monotonic()
 
 
 def _version_shown(version: dict[str, Any] | None) -> dict[str, Any] | None:
@@ -410,8 +393,16 @@ def make_app(
     app = bottle.Bottle()
     # Routes find the plugin here: a route closing over a plain value would
     # hang bottle 0.13's Route.get_undecorated_callback (see tests/test_app.py).
-    app.config.update({"lite.plugin": plugin, "lite.page": page_template})
+    app.config.update(
+        {
+            "lite.plugin": plugin,
+            "lite.page": page_template,
+            "lite.metrics": lite_metrics.process_metrics(),
+        }
+    )
     app.install(plugin)
+    app.add_hook("before_request", _start_clock)
+    app.add_hook("after_request", _count_request)
     for code in ERROR_CODES:
         app.error(code)(_json_error)
 
@@ -419,7 +410,7 @@ def make_app(
     def page(db: sqlite3.Cursor) -> str:
         lite_counters.ensure_counters(db)
         counters = lite_db.query(db, "SELECT name, value FROM counters ORDER BY position")
-        figures = _stats(bottle.request.app.config["lite.plugin"], db)
+        figures = _stats(bottle.request.app.config["lite.metrics"], db)
         bottle.response.set_header("Cache-Control", "no-store")
         return bottle.request.app.config["lite.page"].render(
             counters=[tuple(row) for row in counters],
@@ -467,7 +458,15 @@ def make_app(
     @app.get("/lite/stats")
     def stats(db: sqlite3.Cursor) -> dict[str, Any]:
         bottle.response.set_header("Cache-Control", "no-store")
-        return _stats(bottle.request.app.config["lite.plugin"], db)
+        return _stats(bottle.request.app.config["lite.metrics"], db)
+
+    @app.get("/metrics", skip=[plugin])
+    def metrics() -> bytes:
+        """Prometheus text format; opens no database (the sizes are the files')."""
+        bottle.response.set_header("Content-Type", lite_metrics.CONTENT_TYPE)
+        bottle.response.set_header("Cache-Control", "no-store")
+        config = bottle.request.app.config
+        return config["lite.metrics"].render(config["lite.plugin"].db_path)
 
     @app.post("/lite/inc")
     def increment(db: sqlite3.Cursor) -> dict[str, Any]:

@@ -289,6 +289,7 @@ class ConfigWatcher:
 
             if lite_db.write(cur, reject_config) == "new":
                 self.rejected += 1
+                lite_db.notify("config_rejected")
                 log.error("config %s not applied, keeping the last good one: %s", self.path, exc)
             self.seen = key
             return "rejected"
@@ -302,6 +303,7 @@ class ConfigWatcher:
         self.seen = key
         if outcome == "applied":
             self.applied += 1
+            lite_db.notify("config_applied")
             log.info("config %s applied: %s", self.path, fingerprint)
             if age_s < 0:
                 log.warning(

@@ -161,8 +161,13 @@ class Figures:
     """What one connection (or, summed, one process) has done.
 
     db_time_s: seconds in database calls, waits for the lock included;
-    write_lock_wait_s: seconds taking the write lock (BEGIN IMMEDIATE, or the
-    whole of a one-statement write, which takes the lock as it starts).
+    write_lock_wait_s: seconds from asking for the write lock (the write
+    queue, busy retries and their sleeps included) to holding it (BEGIN
+    IMMEDIATE returned, or the whole of a one-statement write, which takes
+    the lock as it starts); one event per write.
+
+    Each field is also an event for `listeners`, with the amount added; and
+    lite_config tells them "config_applied" and "config_rejected".
     """
 
     reads: int = 0
@@ -385,10 +390,11 @@ def _note(figures: Figures, event: str, amount: float = 1) -> None:
     """Count `event` in `figures` and tell the listeners (the hot paths inline this)."""
     setattr(figures, event, getattr(figures, event) + amount)
     if listeners:
-        _tell(event, amount)
+        notify(event, amount)
 
 
-def _tell(event: str, amount: float) -> None:
+def notify(event: str, amount: float = 1) -> None:
+    """Call every function in `listeners` with (event, amount)."""
     for listener in listeners:
         listener(event, amount)
 
@@ -685,7 +691,7 @@ def retrying(
         elapsed = time.monotonic() - started
         figures.db_time_s += elapsed
         if listeners:
-            _tell("db_time_s", elapsed)
+            notify("db_time_s", elapsed)
         if narrowed:
             conn.execute(f"PRAGMA busy_timeout = {BUSY_POLL_MS}")
 
@@ -858,15 +864,12 @@ def _write(
     """
     conn = cur.connection
 
+    lock_wait: float | None = None  # from asking (queue included) to holding the lock
+
     def in_transaction() -> Any:
-        began = time.monotonic()
-        try:
-            cur.execute("BEGIN IMMEDIATE")
-        finally:
-            waited = time.monotonic() - began
-            conn.figures.write_lock_wait_s += waited
-            if listeners:
-                _tell("write_lock_wait_s", waited)
+        nonlocal lock_wait
+        cur.execute("BEGIN IMMEDIATE")
+        lock_wait = time.monotonic() - asked
         try:
             result = work(cur)
             cur.execute("COMMIT")
@@ -877,18 +880,14 @@ def _write(
         return result
 
     def statement() -> Any:
-        began = time.monotonic()
-        try:
-            return work(cur)
-        finally:
-            waited = time.monotonic() - began
-            conn.figures.write_lock_wait_s += waited
-            if listeners:
-                _tell("write_lock_wait_s", waited)
+        nonlocal lock_wait
+        result = work(cur)
+        lock_wait = time.monotonic() - asked
+        return result
 
     conn.figures.writes += 1
     if listeners:
-        _tell("writes", 1)
+        notify("writes", 1)
     # The database's files must still be those this connection holds: a write
     # into a file removed or replaced under the server would be lost, and
     # one locked through a removed -shm could overwrite another process's.
@@ -899,10 +898,11 @@ def _write(
     if refused is not None:
         _note(conn.figures, "write_failures")
         raise Unavailable(f"database files changed: {refused}")
-    deadline = time.monotonic() + LOCK_BUDGET_MS / 1000
+    asked = time.monotonic()
+    deadline = asked + LOCK_BUDGET_MS / 1000
     # A transaction runs Python while it holds the lock: it waits its turn
     # in the queue first. A single statement holds it only inside SQLite.
-    queued = not one_statement and _queue_up(conn, deadline)
+    queued = not one_statement and conn.queue.enter(deadline)
     try:
         result = retrying(
             conn, statement if one_statement else in_transaction, conn.figures, deadline
@@ -915,6 +915,10 @@ def _write(
     finally:
         if queued:
             conn.queue.leave()
+        waited = time.monotonic() - asked if lock_wait is None else lock_wait
+        conn.figures.write_lock_wait_s += waited
+        if listeners:
+            notify("write_lock_wait_s", waited)
     # Removed in the moment since the look above, the file may hold this
     # commit alone: then it is in the copy _refuse saves.
     if (changed := _file_changed(conn)) is not None:
@@ -924,20 +928,12 @@ def _write(
     return result
 
 
-def _queue_up(conn: Connection, deadline: float) -> bool:
-    """Wait in the connection's write queue; True if it holds a ticket to leave."""
-    began = time.monotonic()
-    queued = conn.queue.enter(deadline)
-    _note(conn.figures, "write_lock_wait_s", time.monotonic() - began)
-    return queued
-
-
 def _read(cur: sqlite3.Cursor, fetch: Callable[[], Any], what: str) -> Any:
     """What `fetch()` returns, with retries; raises as _write does."""
     conn = cur.connection
     conn.figures.reads += 1
     if listeners:
-        _tell("reads", 1)
+        notify("reads", 1)
     try:
         return retrying(conn, fetch, conn.figures)
     except sqlite3.Error as exc:

@@ -1,12 +1,11 @@
-"""Operating a lite database: health, figures shared between processes, backup, checks.
+"""Operating a lite database: health, the database's figures, backup, checks.
 
 Contract:
 - `health(cur)` reads and writes within the lock budget; it returns None when
   both work, else the reason. Its one row lives in `lite_health`, made on
   first use.
-- `publish_figures(path, figures)` shares one process's figures with every
-  process through a file per pid, renamed into place (no database lock, no
-  fsync); `published_figures(path)` reads those of the live processes.
+- `database_figures(cur)`: the settings read back from the live connection
+  and the files' sizes (the figures of the processes are lite_metrics').
 - `backup(path, dest)` copies the live database consistently (SQLite's
   backup API, one step) and checks the copy; `check(path)` runs
   `PRAGMA integrity_check` on a file, read-only. Both return False (logged)
@@ -17,21 +16,17 @@ Contract:
 """
 
 import argparse
-import contextlib
-import json
 import logging
 import os
 import sqlite3
 import sys
 import time
-from collections.abc import Callable
 from typing import Any
 
 import lite_config
 import lite_counters
 import lite_db
 
-FIGURES_INTERVAL_S = 1.0  # 1 s: least time between two publications of a process's figures
 HEALTH_TABLES = (
     "CREATE TABLE IF NOT EXISTS lite_health ("
     " id INTEGER PRIMARY KEY CHECK (id = 1), checked_at REAL NOT NULL,"
@@ -71,87 +66,6 @@ def health(cur: sqlite3.Cursor) -> str | None:
     except lite_db.Unavailable:
         return "write failed"
     return None
-
-
-def figures_dir(path: str) -> str:
-    """Where the processes using the database at `path` publish their figures."""
-    return path + "-stats"
-
-
-class FigurePublisher:
-    """Publishes one process's figures for the database at `path`, at most once per interval."""
-
-    def __init__(self, path: str) -> None:
-        self.path = path
-        self.published_at = 0.0  # time.monotonic()
-        self.failed = False  # a failure is logged once
-
-    def publish(self, figures: Callable[[], dict[str, Any]], now: bool = False) -> bool:
-        """Write figures() to figures_dir(path)/<pid>.json; unless `now`, at most once per interval.
-
-        `figures` is called only when the figures are due. Written through a
-        rename, so a reader sees the old or the new figures, never half.
-        Returns False on failure (logged once) or when not due.
-        """
-        moment = time.monotonic()
-        if not now and moment - self.published_at < FIGURES_INTERVAL_S:
-            return False
-        self.published_at = moment
-        directory = figures_dir(self.path)
-        name = os.path.join(directory, f"{os.getpid()}.json")
-        try:
-            os.makedirs(directory, mode=0o700, exist_ok=True)
-            with open(name + ".tmp", "w", encoding="utf-8") as out:
-                json.dump(figures(), out)
-            os.replace(name + ".tmp", name)
-        except (OSError, TypeError, ValueError) as exc:
-            if not self.failed:
-                log.warning("cannot publish figures to %s: %s", directory, exc)
-                self.failed = True
-            return False
-        return True
-
-
-def published_figures(path: str) -> list[dict[str, Any]]:
-    """The figures every live process published for `path`, by pid.
-
-    Files of processes that have exited are removed; unreadable ones are
-    skipped (a process may be writing its first file).
-    """
-    directory = figures_dir(path)
-    try:
-        names = os.listdir(directory)
-    except OSError:
-        return []
-    found = []
-    for name in sorted(names):
-        pid_text, _, suffix = name.partition(".")
-        if suffix != "json" or not pid_text.isdigit():
-            continue
-        file_name = os.path.join(directory, name)
-        if not _running(int(pid_text)):
-            with contextlib.suppress(OSError):
-                os.remove(file_name)
-            continue
-        try:
-            with open(file_name, encoding="utf-8") as source:
-                figures = json.load(source)
-        except (OSError, ValueError):
-            continue
-        if isinstance(figures, dict):
-            found.append(figures)
-    found.sort(key=lambda figures: figures.get("pid", 0))
-    return found
-
-
-def _running(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # alive, owned by another user
-        return True
-    return True
 
 
 def database_figures(cur: sqlite3.Cursor) -> dict[str, Any]:

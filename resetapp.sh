@@ -73,7 +73,6 @@ if [ -e "$DB" ] && [ "$force" = yes ]; then
     open_by=$(holders)
     [ -z "$open_by" ] || fail "$DB is open in processes $open_by: stop the service first (./serve.sh stop)"
     rm -f "$DB" "$DB-wal" "$DB-shm" "$DB-refused"
-    rm -rf "$DB-stats"
     echo "resetapp: deleted $DB"
 fi
 

@@ -140,7 +140,8 @@ install_lite() {
     install -d -m 0755 "$LITE_HOME" "$LITE_HOME/app" "$APACHE_DIR" "$APACHE_DIR/run" \
         "$APACHE_DIR/logs"
     install -m 0644 "$SRC/lite_app.py" "$SRC/lite_db.py" "$SRC/lite_counters.py" \
-        "$SRC/lite_config.py" "$SRC/lite_ops.py" "$SRC/lite_page.py" "$LITE_HOME/app/"
+        "$SRC/lite_config.py" "$SRC/lite_ops.py" "$SRC/lite_page.py" "$SRC/lite_metrics.py" \
+        "$LITE_HOME/app/"
     if [ ! -e "$LITE_HOME/app/config.ini" ]; then
         install -m 0644 "$SRC/config.ini" "$LITE_HOME/app/config.ini"
     fi

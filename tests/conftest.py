@@ -1,8 +1,16 @@
 """Fixtures: a fresh database and config per test, a WebTest app on them."""
 
+import atexit
 import os
+import shutil
 import sqlite3
+import tempfile
 import time
+
+# prometheus_client's multiprocess mode, as under Apache: chosen when it is
+# first imported (by lite_app, below), for this process and its children.
+os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="lite-metrics-")
+atexit.register(shutil.rmtree, os.environ["PROMETHEUS_MULTIPROC_DIR"], True)
 
 import deploy
 import pytest

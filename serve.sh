@@ -5,6 +5,11 @@
 #   ./serve.sh stop      stop it, by the PID in its PidFile
 #   ./serve.sh status    say whether it runs
 #   ./serve.sh install   install or update lite in LITE_HOME, start nothing
+#   ./serve.sh install-unit   install, then hand Apache to systemd: a unit
+#                        that restarts it on failure and starts it at boot;
+#                        from then on start and stop go through systemctl
+#   ./serve.sh remove-unit    stop the unit and remove it
+#   ./serve.sh unit      print the unit install-unit would write
 #   ./serve.sh backup DEST    copy the live database to the new file DEST,
 #                             consistently, while lite keeps serving
 #   ./serve.sh restore FILE   replace the database by FILE (lite stopped)
@@ -22,6 +27,8 @@
 #                     many it keeps (default 5)
 #   LITE_LOG_FORMAT   plain (default: lite's log lines in error.log) or json
 #                     (one JSON object per line in apache/logs/lite.jsonl)
+#   LITE_UNIT         the systemd unit's name (default lite), written to
+#                     LITE_SYSTEMD_DIR (default /etc/systemd/system)
 #
 # The Apache is private: its own ServerRoot ($LITE_HOME/apache), PidFile,
 # logs and port; it includes the shipped lite.conf as it is, and leaves the
@@ -42,6 +49,11 @@ START_TIMEOUT_S=60
 STOP_TIMEOUT_S=30
 ACCESS_LOG_ROTATE=${LITE_ACCESS_LOG_ROTATE:-10M}
 ACCESS_LOG_FILES=${LITE_ACCESS_LOG_FILES:-5}
+LOG_FORMAT=${LITE_LOG_FORMAT:-plain}
+# prometheus_client's multiprocess directory: the daemons' metric files.
+METRICS_DIR=$APACHE_DIR/metrics
+UNIT=${LITE_UNIT:-lite}.service
+UNIT_FILE=${LITE_SYSTEMD_DIR:-/etc/systemd/system}/$UNIT
 
 say() { echo "serve: $*"; }
 fail() {
@@ -157,6 +169,90 @@ install_lite() {
     /usr/sbin/apache2 -t -f "$APACHE_DIR/httpd.conf" 2>&1 | grep -v "Syntax OK" || true
 }
 
+# The environment of Apache and its daemons, one KEY=VALUE a line. Set in the
+# process environment, not by Apache's SetEnv (which reaches only the WSGI
+# environ): prometheus_client reads PROMETHEUS_MULTIPROC_DIR when imported.
+daemon_env() {
+    local log_file=
+    [ "$LOG_FORMAT" != json ] || log_file=$APACHE_DIR/logs/lite.jsonl
+    printf '%s\n' LANG=C.UTF-8 LC_ALL=C.UTF-8 "LITE_SYNCHRONOUS=${LITE_SYNCHRONOUS:-NORMAL}" \
+        "LITE_LOG_FORMAT=$LOG_FORMAT" "LITE_LOG_FILE=$log_file" \
+        "PROMETHEUS_MULTIPROC_DIR=$METRICS_DIR"
+}
+
+# What every start needs, Apache not running: an empty metrics directory
+# (files of an earlier run would be summed into this one's) and, for JSON
+# logs, lite.jsonl, both the daemon user's.
+prepare_run() {
+    rm -rf -- "${METRICS_DIR:?}"
+    install -d -o "$LITE_USER" -g "$LITE_GROUP" -m 0750 "$METRICS_DIR"
+    if [ "$LOG_FORMAT" = json ]; then
+        # A file of its own (Apache would prefix each line in error.log).
+        local log_file=$APACHE_DIR/logs/lite.jsonl
+        [ -e "$log_file" ] || install -o "$LITE_USER" -g "$LITE_GROUP" -m 0640 /dev/null "$log_file"
+    fi
+}
+
+# The systemd unit: Apache in the foreground, started by systemd itself (not
+# through this script, which may install packages), restarted on failure.
+unit_text() {
+    cat <<EOF
+# Written by serve.sh install-unit: lite's private Apache on 127.0.0.1:$LITE_PORT.
+[Unit]
+Description=lite on a private Apache + mod_wsgi (127.0.0.1:$LITE_PORT)
+After=network.target
+
+[Service]
+Type=simple
+$(daemon_env | sed 's/^/Environment=/')
+ExecStartPre=/bin/rm -f $PIDFILE
+ExecStartPre=/bin/rm -rf $METRICS_DIR
+ExecStartPre=/usr/bin/install -d -o $LITE_USER -g $LITE_GROUP -m 0750 $METRICS_DIR
+ExecStart=/usr/sbin/apache2 -f $APACHE_DIR/httpd.conf -DFOREGROUND
+ExecReload=/bin/kill -USR1 \$MAINPID
+# SIGTERM to Apache, which stops its workers and daemons; what is left after
+# the timeout is killed.
+KillMode=mixed
+TimeoutStopSec=$STOP_TIMEOUT_S
+Restart=on-failure
+RestartSec=2
+
+[Install]
+WantedBy=multi-user.target
+EOF
+}
+
+write_unit() {
+    install -d "$(dirname "$UNIT_FILE")"
+    unit_text >"$UNIT_FILE.new"
+    mv "$UNIT_FILE.new" "$UNIT_FILE"
+}
+
+install_unit() {
+    local pid
+    command -v systemctl >/dev/null || fail "no systemctl: run lite with $0 start instead"
+    install_lite
+    if pid=$(running_pid); then # started by this script: one manager at a time
+        say "stopping the Apache $0 started (PID $pid); systemd starts it from now on"
+        stop
+    fi
+    stop_orphans
+    prepare_run
+    write_unit
+    systemctl daemon-reload
+    systemctl enable --now "$UNIT"
+    wait_until_serving || fail "$UNIT started, but lite does not answer: systemctl status $UNIT"
+    say "lite is up under systemd ($UNIT_FILE): $URL"
+}
+
+remove_unit() {
+    [ -f "$UNIT_FILE" ] || fail "no unit $UNIT_FILE"
+    systemctl disable --now "$UNIT"
+    rm -f "$UNIT_FILE"
+    systemctl daemon-reload
+    say "removed $UNIT; $0 start runs Apache itself again"
+}
+
 wait_until_serving() {
     /usr/bin/python3 - "$URL/get" "$START_TIMEOUT_S" <<'EOF'
 import sys, time, urllib.request
@@ -183,19 +279,18 @@ start() {
     rm -f "$PIDFILE" # stale: Apache would take a live PID in it for itself
     stop_orphans
     install_lite
-    say "starting Apache on 127.0.0.1:$LITE_PORT"
-    local log_file=
-    if [ "${LITE_LOG_FORMAT:-plain}" = json ]; then
-        # JSON lines go to a file of their own (Apache would prefix each line
-        # in error.log), which the daemon user appends to.
-        log_file=$APACHE_DIR/logs/lite.jsonl
-        install -o "$LITE_USER" -g "$LITE_GROUP" -m 0640 /dev/null "$log_file.new"
-        [ -e "$log_file" ] || mv "$log_file.new" "$log_file"
-        rm -f "$log_file.new"
+    prepare_run
+    if [ -f "$UNIT_FILE" ]; then
+        say "starting $UNIT (installed in $UNIT_FILE) with systemctl"
+        write_unit
+        systemctl daemon-reload
+        systemctl start "$UNIT"
+    else
+        say "starting Apache on 127.0.0.1:$LITE_PORT"
+        local settings
+        mapfile -t settings < <(daemon_env)
+        env "${settings[@]}" /usr/sbin/apache2 -f "$APACHE_DIR/httpd.conf" -k start
     fi
-    env LANG=C.UTF-8 LC_ALL=C.UTF-8 LITE_SYNCHRONOUS="${LITE_SYNCHRONOUS:-NORMAL}" \
-        LITE_LOG_FORMAT="${LITE_LOG_FORMAT:-plain}" LITE_LOG_FILE="$log_file" \
-        /usr/sbin/apache2 -f "$APACHE_DIR/httpd.conf" -k start
     if ! wait_until_serving; then
         tail -n 20 "$APACHE_DIR/logs/error.log" >&2 || true
         stop
@@ -249,6 +344,12 @@ restore() {
 
 stop() {
     local pid waited=0
+    if [ -f "$UNIT_FILE" ]; then
+        systemctl stop "$UNIT"
+        stop_orphans
+        say "stopped $UNIT"
+        return 0
+    fi
     if ! pid=$(running_pid); then
         say "not running"
         rm -f "$PIDFILE"
@@ -278,10 +379,13 @@ case "${1:-start}" in
         if pid=$(running_pid); then say "running (PID $pid): $URL"; else say "not running"; exit 3; fi
         ;;
     install) install_lite ;;
+    install-unit) install_unit ;;
+    remove-unit) remove_unit ;;
+    unit) unit_text ;;
     backup) backup "${2:-}" ;;
     restore) restore "${2:-}" ;;
     *)
-        sed -n '2,20p' "$0" | sed 's/^# \{0,1\}//'
+        sed -n '2,27p' "$0" | sed 's/^# \{0,1\}//'
         exit 2
         ;;
 esac

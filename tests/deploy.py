@@ -26,6 +26,7 @@ APP_FILES = (
     "lite_config.py",
     "lite_ops.py",
     "lite_page.py",
+    "lite_metrics.py",
 )
 
 

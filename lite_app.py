@@ -350,9 +350,9 @@ def _count_request() -> None:
     if began is None:  # an error before the before_request hook ran
         return
     route = environ.get("bottle.route")
-    bottle.request.app.config["lite.metrics"].request(
+    environ["bottle.app"].config["lite.metrics"].request(
         route.rule if route else "unmatched",
-        bottle.request.method,
+        environ["REQUEST_METHOD"],
         bottle.response.status_code,
         time.monotonic() - began,
     )

@@ -48,12 +48,10 @@ CONTENT_TYPE = prometheus_client.CONTENT_TYPE_LATEST
 SECONDS_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
 # lite_db events counted as they are: event -> (metric name, help).
 DB_EVENTS = {
-    "reads": ("lite_db_reads", "Reads (queries) run."),
     "read_failures": ("lite_db_read_failures", "Reads that failed (503, or an error raised)."),
     "writes": ("lite_db_writes", "Writes (transactions) asked for."),
     "write_failures": ("lite_db_write_failures", "Writes that failed; nothing was written."),
     "busy_retries": ("lite_db_busy_retries", "Times a statement found the database busy."),
-    "db_time_s": ("lite_db_time_seconds", "Seconds in database calls, waits included."),
     "checkpoints": ("lite_db_checkpoints", "WAL checkpoints run."),
     "wal_restarts": ("lite_db_wal_restarts", "Checkpoints after which the WAL starts over."),
     "config_applied": ("lite_config_versions_applied", "config.ini versions applied."),
@@ -240,12 +238,15 @@ class Metrics:
                 for event, (name, help_) in DB_EVENTS.items()
             }
         self.on_db_event["write_lock_wait_s"] = self.write_lock_wait.observe
+        # (route, method, status) -> its counter and its route's histogram:
+        # labels() validates its values on every call, a dict lookup does not.
+        self.by_request: dict[tuple[str, str, int], tuple[Any, Any]] = {}
 
     def _after_fork(self) -> None:
         # prometheus_client opens a child's own files at its first update;
         # done here under the lock, for the reason given in __init__.
         with _locked(self.directory):
-            self.on_db_event["reads"](0)
+            self.on_db_event["writes"](0)
 
     def on_event(self, event: str, amount: float) -> None:
         """A lite_db listener: count the event."""
@@ -257,10 +258,15 @@ class Metrics:
 
     def request(self, route: str, method: str, status: int, seconds: float) -> None:
         """Count one answered request; `route` is the route's pattern, never the raw path."""
-        if method not in METHODS:
-            method = "other"
-        self.requests.labels(route, method, str(status)).inc()
-        self.request_seconds.labels(route).observe(seconds)
+        series = self.by_request.get((route, method, status))
+        if series is None:
+            label = method if method in METHODS else "other"
+            series = self.by_request[(route, method, status)] = (
+                self.requests.labels(route, label, str(status)),
+                self.request_seconds.labels(route),
+            )
+        series[0].inc()
+        series[1].observe(seconds)
 
     def _measure(self, db_path: str) -> None:
         for gauge, name in ((self.db_bytes, db_path), (self.wal_bytes, db_path + "-wal")):

@@ -53,9 +53,11 @@ applied {{version["applied"]}} by process {{version["applied_by"]}}.</p>
 <tr><td>{{label}}</td><td class="num" data-stat="{{key}}">{{value}}</td></tr>
 % end
 </table>
-<p class="note">From <a href="/lite/stats">/lite/stats</a>, summed over the
-<span data-stat="process_count">{{process_count}}</span> server processes that
-have served requests; <span id="refreshed">as of loading this page</span>.
+<p class="note">From <a href="/lite/stats">/lite/stats</a> (and
+<a href="/metrics">/metrics</a>), summed over every server process since the
+server started, those that have exited included;
+<span data-stat="process_count">{{process_count}}</span> serve now;
+<span id="refreshed">as of loading this page</span>.
 Health: <a href="/lite/health">/lite/health</a>. Served by process {{pid}}.</p>
 <script>
 // Every 2 s, fetch this page again and take its figures and values: the

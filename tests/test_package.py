@@ -18,7 +18,15 @@ import lite_db
 pytestmark = pytest.mark.slow
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-MODULES = ["lite_db", "lite_counters", "lite_config", "lite_ops", "lite_app", "lite_page"]
+MODULES = [
+    "lite_db",
+    "lite_counters",
+    "lite_config",
+    "lite_ops",
+    "lite_app",
+    "lite_page",
+    "lite_metrics",
+]
 ADAPTERS = ["lite_flask", "lite_django.base"]
 CORE = ["lite_db", "lite_counters", "lite_config", "lite_ops"]  # the standard library only
 

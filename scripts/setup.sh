@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs what lite needs on Debian to serve: Apache and Debian's mod_wsgi
 # (built for /usr/bin/python3) from apt; with --dev, also what the tests
-# need: siege, wrk, Debian's Chromium and ChromeDriver, .venv (made from
+# need: siege, wrk, Debian's Chromium and ChromeDriver, systemd (whose
+# systemd-analyze checks lite's unit), .venv (made from
 # /usr/bin/python3) with the test tools of requirements-dev.txt, and
 # Django's source distribution (its own tests) in build/.
 # Idempotent: installs only what is missing. Needs root for apt-get.
@@ -12,8 +13,9 @@ cd "$(dirname "$0")/.."
 # Serving needs Apache, mod_wsgi (with rotatelogs, from apache2-utils) and Python.
 PACKAGES=(apache2 apache2-utils libapache2-mod-wsgi-py3 python3 python3-venv ca-certificates)
 if [ "${1:-}" = "--dev" ]; then
-    # The load tools and the browser are the tests' (and the benchmark's).
-    PACKAGES+=(siege wrk chromium chromium-driver fonts-liberation)
+    # The load tools and the browser are the tests' (and the benchmark's);
+    # systemd gives systemd-analyze, which checks the unit serve.sh writes.
+    PACKAGES+=(siege wrk chromium chromium-driver fonts-liberation systemd)
 fi
 
 if [ "${2:-${1:-}}" = "--list" ]; then

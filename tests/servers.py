@@ -1,6 +1,7 @@
 """A WSGI server other than Apache (gunicorn, Flask's) on 127.0.0.1 for a test, stopped by PID."""
 
 import contextlib
+import json
 import os
 import signal
 import subprocess
@@ -74,3 +75,8 @@ def _wait_until_answering(port, server, timeout_s, log):
                 with open(log) as f:
                     raise AssertionError(f"the server did not start: {f.read()[-3000:]}") from None
             time.sleep(0.2)
+
+
+def get_json(port, path):
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=30) as res:
+        return json.load(res)

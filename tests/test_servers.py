@@ -46,3 +46,21 @@ def test_20_clients_increment_exactly(tmp_path, argv):
     with open(log) as f:
         assert "Traceback" not in f.read()
     print(f"{len(load.ok)} increments, all counted once")
+
+
+def test_metrics_sum_gunicorn_workers_forked_from_a_preloaded_app(tmp_path):
+    """--preload imports lite_app (and makes its metrics) in the master, then forks:
+    each worker must count into its own files, and /lite/stats sum them all."""
+    work = str(tmp_path)
+    servers.prepare(work)
+    argv = [*GUNICORN_SYNC, "--preload", "lite_app:application"]
+    with servers.serving(argv, work) as (port, log):
+        before = servers.get_json(port, "/lite/stats")
+        load = history.run(port, clients=20, seconds=3)
+        after = servers.get_json(port, "/lite/stats")
+    assert not load.unknown and not load.failed, (load.statuses, load.unknown[:3])
+    assert after["totals"]["requests"] == before["totals"]["requests"] + 1 + len(load.ok)
+    assert after["totals"]["writes"] >= before["totals"]["writes"] + len(load.ok)
+    assert after["process_count"] >= 4  # the workers (and the master, which served none)
+    with open(log) as f:
+        assert "Traceback" not in f.read()

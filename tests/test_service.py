@@ -61,4 +61,4 @@ def test_serving_installs_no_test_tool():
     serving, testing = packages("--list").split(), packages("--dev", "--list").split()
     assert {"apache2", "libapache2-mod-wsgi-py3", "apache2-utils"} <= set(serving)
     assert not {"siege", "wrk", "chromium"} & set(serving)
-    assert {"siege", "wrk", "chromium", "chromium-driver"} <= set(testing)
+    assert {"siege", "wrk", "chromium", "chromium-driver", "systemd"} <= set(testing)

@@ -187,7 +187,7 @@ class Metrics:
 
     def __init__(self, directory: str | None) -> None:
         self.directory = directory
-        self.registry = CollectorRegistry(auto_describe=True)
+        self.registry = CollectorRegistry(auto_describe=False)
         own = None if directory else self.registry  # multiprocess: read from the files
         if directory:
             self.registry.register(_FoldingCollector(directory))

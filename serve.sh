@@ -196,6 +196,13 @@ prepare_run() {
 # The systemd unit: Apache in the foreground, started by systemd itself (not
 # through this script, which may install packages), restarted on failure.
 unit_text() {
+    case "$LITE_HOME" in
+        *[[:space:]]* | *[\'\"\\%\$]*) fail "the unit needs a LITE_HOME without spaces, quotes, % or \$" ;;
+    esac
+    local log_file_pre=
+    if [ "$LOG_FORMAT" = json ]; then
+        log_file_pre="ExecStartPre=/bin/sh -c 'test -e $APACHE_DIR/logs/lite.jsonl || install -o $LITE_USER -g $LITE_GROUP -m 0640 /dev/null $APACHE_DIR/logs/lite.jsonl'"
+    fi
     cat <<EOF
 # Written by serve.sh install-unit: lite's private Apache on 127.0.0.1:$LITE_PORT.
 [Unit]
@@ -208,6 +215,7 @@ $(daemon_env | sed 's/^/Environment=/')
 ExecStartPre=/bin/rm -f $PIDFILE
 ExecStartPre=/bin/rm -rf $METRICS_DIR
 ExecStartPre=/usr/bin/install -d -o $LITE_USER -g $LITE_GROUP -m 0750 $METRICS_DIR
+$log_file_pre
 ExecStart=/usr/sbin/apache2 -f $APACHE_DIR/httpd.conf -DFOREGROUND
 ExecReload=/bin/kill -USR1 \$MAINPID
 # SIGTERM to Apache, which stops its workers and daemons; what is left after

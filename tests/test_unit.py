@@ -19,8 +19,14 @@ import pytest
 FAKEBIN = os.path.join(deploy.ROOT, "tests", "fakebin")
 
 
-def test_the_unit_passes_systemd_analyze_verify(tmp_path):
-    env = {**os.environ, "LITE_HOME": "/srv/lite-unit-test", "LITE_PORT": "8123"}
+@pytest.mark.parametrize("log_format", ["plain", "json"])
+def test_the_unit_passes_systemd_analyze_verify(tmp_path, log_format):
+    env = {
+        **os.environ,
+        "LITE_HOME": "/srv/lite-unit-test",
+        "LITE_PORT": "8123",
+        "LITE_LOG_FORMAT": log_format,
+    }
     unit = subprocess.run(
         [os.path.join(deploy.ROOT, "serve.sh"), "unit"],
         env=env,
@@ -28,13 +34,12 @@ def test_the_unit_passes_systemd_analyze_verify(tmp_path):
         text=True,
         check=True,
     ).stdout
-    assert (
-        "ExecStart=/usr/sbin/apache2 -f /srv/lite-unit-test/apache/httpd.conf -DFOREGROUND\n"
-        in unit
-    )
+    home = "/srv/lite-unit-test"
+    assert f"ExecStart=/usr/sbin/apache2 -f {home}/apache/httpd.conf -DFOREGROUND\n" in unit
     assert "Restart=on-failure\n" in unit
     assert "WantedBy=multi-user.target\n" in unit
-    assert "Environment=PROMETHEUS_MULTIPROC_DIR=/srv/lite-unit-test/apache/metrics\n" in unit
+    assert f"Environment=PROMETHEUS_MULTIPROC_DIR={home}/apache/metrics\n" in unit
+    assert f"Environment=LITE_LOG_FORMAT={log_format}\n" in unit
     (tmp_path / "lite.service").write_text(unit)
     verified = subprocess.run(
         ["systemd-analyze", "verify", str(tmp_path / "lite.service")],
@@ -42,6 +47,15 @@ def test_the_unit_passes_systemd_analyze_verify(tmp_path):
         text=True,
     )
     assert (verified.returncode, verified.stdout, verified.stderr) == (0, "", "")
+
+
+def test_the_unit_refuses_a_home_it_could_not_quote():
+    env = {**os.environ, "LITE_HOME": "/srv/my lite"}
+    made = subprocess.run(
+        [os.path.join(deploy.ROOT, "serve.sh"), "unit"], env=env, capture_output=True, text=True
+    )
+    assert made.returncode == 1
+    assert "without spaces" in made.stderr
 
 
 def _command_line(pid):

@@ -24,6 +24,7 @@ import time
 import bottle
 import deploy
 import history
+import prometheus_client
 import pytest
 
 pytestmark = [pytest.mark.apache, pytest.mark.slow]
@@ -321,6 +322,7 @@ def test_a_data_directory_the_daemon_user_cannot_write(public_tmp_path):
     for name in (*deploy.APP_FILES, "config.ini"):
         shutil.copy(os.path.join(deploy.ROOT, name), code)
     shutil.copy(bottle.__file__, code)
+    shutil.copytree(os.path.dirname(prometheus_client.__file__), code / "prometheus_client")
     data = tmp_path / "data"
     data.mkdir()  # root's, 0755: www-data may read it, not create files in it
     for path in (tmp_path, code, data):

@@ -2,7 +2,7 @@
 # Installs what lite needs on Debian to serve: Apache and Debian's mod_wsgi
 # (built for /usr/bin/python3) from apt; with --dev, also what the tests
 # need: siege, wrk, Debian's Chromium and ChromeDriver, systemd (whose
-# systemd-analyze checks lite's unit), .venv (made from
+# systemd-analyze checks lite's unit), PostgreSQL 15, .venv (made from
 # /usr/bin/python3) with the test tools of requirements-dev.txt, and
 # Django's source distribution (its own tests) in build/.
 # Idempotent: installs only what is missing. Needs root for apt-get.
@@ -14,8 +14,9 @@ cd "$(dirname "$0")/.."
 PACKAGES=(apache2 apache2-utils libapache2-mod-wsgi-py3 python3 python3-venv ca-certificates)
 if [ "${1:-}" = "--dev" ]; then
     # The load tools and the browser are the tests' (and the benchmark's);
-    # systemd gives systemd-analyze, which checks the unit serve.sh writes.
-    PACKAGES+=(siege wrk chromium chromium-driver fonts-liberation systemd)
+    # systemd gives systemd-analyze, which checks the unit serve.sh writes;
+    # PostgreSQL runs as scripts/postgres.sh's private cluster.
+    PACKAGES+=(siege wrk chromium chromium-driver fonts-liberation systemd postgresql-15)
 fi
 
 if [ "${2:-${1:-}}" = "--list" ]; then
@@ -43,6 +44,9 @@ if [ ${#missing[@]} -gt 0 ]; then
         chmod 755 "$policy"
         trap 'rm -f "$policy"' EXIT
     fi
+    # No system cluster: lite's tests run their own (scripts/postgres.sh).
+    install -d /etc/postgresql-common/createcluster.d
+    echo "create_main_cluster = false" >/etc/postgresql-common/createcluster.d/lite.conf
     apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 

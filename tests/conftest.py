@@ -13,6 +13,7 @@ os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="lite-metrics-"
 atexit.register(shutil.rmtree, os.environ["PROMETHEUS_MULTIPROC_DIR"], True)
 
 import deploy
+import pg
 import pytest
 import webtest
 
@@ -20,6 +21,7 @@ import lite_app
 import lite_config
 import lite_counters
 import lite_db
+import lite_pg
 
 CONFIG = "[counters]\nhits = 0\nmisses = 0\n"
 
@@ -107,3 +109,17 @@ def other(db_path):
     conn = sqlite3.connect(db_path, isolation_level=None, timeout=10)
     yield conn
     conn.close()
+
+
+@pytest.fixture(scope="session")
+def pg_cluster():
+    """A private PostgreSQL for the session (tests/pg.py), stopped after it."""
+    with pg.private_cluster() as cluster:
+        yield cluster
+
+
+@pytest.fixture
+def pg_url(pg_cluster):
+    """A new, empty PostgreSQL database of this test's own."""
+    yield pg_cluster.new_database()
+    lite_pg.close_all()

@@ -1,0 +1,330 @@
+"""lite on PostgreSQL: lite_db's helpers, for LITE_DATABASE_URL=postgresql://…
+
+The same contract as lite_db, on an engine several machines can share:
+- A connection per process and thread, opened lazily, opened anew after a
+  fork and after the server restarted (a connection found broken is
+  replaced before the next statement).
+- `cursor(url)` gives a Cursor whose statements use lite_db's `?`
+  placeholders and whose rows answer by index and by column name, as
+  sqlite3.Row does; close it when done.
+- `write(cur, work, one_statement)` runs `work(cur)` in one transaction and
+  returns its result. A transaction is SERIALIZABLE, a one-statement write
+  READ COMMITTED (one UPDATE … SET value = value + 1 is atomic there).
+  PostgreSQL's transient failures — serialization failure, deadlock, a
+  connection lost before COMMIT was sent — are retried, with jittered
+  sleeps, within lite_db.LOCK_BUDGET_MS in all, so `work` may run more than
+  once and must have no effects outside the database. Past the budget (a
+  lock held, the server unreachable): Unavailable (lite_db's), nothing
+  written. A connection lost after COMMIT was sent leaves the outcome
+  unknown: OutcomeUnknown, never retried, never Unavailable.
+- `query(cur, sql, params)`: all rows, within the budget, retried the same.
+- Every failure is logged and counted; lite_db.listeners get the events.
+"""
+
+import logging
+import os
+import random
+import threading
+import time
+from collections.abc import Callable, Sequence
+from typing import Any, ClassVar
+
+import psycopg
+import psycopg.errors
+
+import lite_db
+
+RETRY_SLEEP_MAX_S = 0.005  # 5 ms: upper bound of one jittered sleep between retries
+CONNECT_TIMEOUT_S = 2  # the least connect_timeout libpq takes is 2 s
+RECONNECT_PAUSE_S = 0.1  # 100 ms between two attempts to reach a server that refused
+# Transient: the transaction was rolled back and may simply run again.
+RETRIED = (psycopg.errors.SerializationFailure, psycopg.errors.DeadlockDetected)
+# The budget ran out inside the server: a lock or a statement that waited too long.
+TIMED_OUT = (psycopg.errors.LockNotAvailable, psycopg.errors.QueryCanceled)
+
+log = logging.getLogger(__name__)
+
+
+class OutcomeUnknown(Exception):
+    """The connection was lost after COMMIT was sent: the write may or may not be in.
+
+    Already logged and counted. A client can tell only by reading back (or
+    by repeating the request with the same Idempotency-Key, which lite
+    applies once).
+    """
+
+
+class Row(tuple):
+    """A row that answers by index and by column name, as sqlite3.Row does."""
+
+    names: ClassVar[dict[str, int]] = {}  # set on the subclass made for each result
+
+    def __getitem__(self, key: Any) -> Any:
+        if isinstance(key, str):
+            return tuple.__getitem__(self, self.names[key])
+        return tuple.__getitem__(self, key)
+
+    def keys(self) -> list[str]:
+        return list(self.names)
+
+
+def _row_factory(cursor: psycopg.Cursor) -> Callable[[Sequence[Any]], Row]:
+    names = {column.name: index for index, column in enumerate(cursor.description or ())}
+    row_class = type("Row", (Row,), {"names": names})
+    return row_class
+
+
+class Connection(psycopg.Connection):
+    """A connection that knows whose it is: its URL, process and thread."""
+
+    url: str
+    pid: int
+    tables_ready: set[str]
+
+
+class Cursor:
+    """A statement runner on this thread's connection, with lite_db's `?` placeholders.
+
+    Its connection is replaced (and the statement fails) when found broken;
+    write and query run their work again on the new one.
+    """
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.connection = connect(url)
+        self._cursor = self.connection.cursor(row_factory=_row_factory)
+
+    def execute(self, sql: str, params: Sequence[Any] = ()) -> "Cursor":
+        if params:
+            self._cursor.execute(sql.replace("%", "%%").replace("?", "%s"), params)
+        else:
+            self._cursor.execute(sql)
+        return self
+
+    def fetchone(self) -> Row | None:
+        return self._cursor.fetchone()
+
+    def fetchall(self) -> list[Row]:
+        return self._cursor.fetchall()
+
+    @property
+    def rowcount(self) -> int:
+        return self._cursor.rowcount
+
+    def reconnect(self) -> None:
+        """Take a new connection, the old one being broken."""
+        self.close()
+        _registry.forget(self.connection)
+        self.connection = connect(self.url)
+        self._cursor = self.connection.cursor(row_factory=_row_factory)
+
+    def close(self) -> None:
+        if not self._cursor.closed and not self.connection.broken:
+            self._cursor.close()
+
+
+class _Registry:
+    """This process's connections, one per URL and thread."""
+
+    def __init__(self) -> None:
+        self.pid = os.getpid()
+        self.connections: dict[tuple[str, int], Connection] = {}
+        self.lock = threading.Lock()
+
+    def forget(self, conn: Connection) -> None:
+        with self.lock:
+            for key, held in list(self.connections.items()):
+                if held is conn:
+                    del self.connections[key]
+        if not conn.closed:
+            conn.close()
+
+
+_registry = _Registry()
+
+
+def _open(url: str) -> Connection:
+    """A new connection in autocommit mode (lite sends BEGIN itself); Unavailable if none."""
+    try:
+        conn = Connection.connect(url, autocommit=True, connect_timeout=CONNECT_TIMEOUT_S)
+    except psycopg.OperationalError as exc:
+        log.warning("cannot connect to PostgreSQL: %s", str(exc).strip().splitlines()[0])
+        raise lite_db.Unavailable("cannot connect") from None
+    conn.url, conn.pid, conn.tables_ready = url, os.getpid(), set()
+    return conn
+
+
+def connect(url: str) -> Connection:
+    """This process's and thread's connection to `url`, opened if needed.
+
+    After a fork the parent's connections are dropped (never closed: closing
+    would end the parent's session); a broken one is replaced. Raises
+    Unavailable when the server cannot be reached.
+    """
+    registry = _registry
+    if registry.pid != os.getpid():
+        registry.__init__()  # a forked child: start over
+    key = (url, threading.get_ident())
+    conn = registry.connections.get(key)
+    if conn is not None and not conn.broken and not conn.closed:
+        return conn
+    if conn is not None:
+        registry.forget(conn)
+    conn = _open(url)
+    with registry.lock:
+        registry.connections[key] = conn
+    return conn
+
+
+def cursor(url: str) -> Cursor:
+    """A new Cursor on this thread's connection to `url`; raises Unavailable."""
+    return Cursor(url)
+
+
+def close_all() -> None:
+    """Close every connection of this process."""
+    registry = _registry
+    if registry.pid != os.getpid():
+        registry.__init__()
+        return
+    for conn in list(registry.connections.values()):
+        registry.forget(conn)
+
+
+def _sleep_before_retry(deadline: float) -> None:
+    time.sleep(min(random.uniform(0, RETRY_SLEEP_MAX_S), max(0.0, deadline - time.monotonic())))
+
+
+def _run(
+    cur: Cursor, attempt: Callable[[], Any], kind: str, what: str, isolation: str
+) -> tuple[Any, float]:
+    """attempt() in one transaction, retried within the budget; (result, seconds to BEGIN).
+
+    Raises Unavailable, OutcomeUnknown or the database error, logged and counted.
+    """
+    asked = time.monotonic()
+    deadline = asked + lite_db.LOCK_BUDGET_MS / 1000
+    while True:
+        remaining_ms = int((deadline - time.monotonic()) * 1000)
+        committing = False
+        try:
+            if remaining_ms <= 0:
+                raise lite_db.Unavailable("lock budget spent")
+            if cur.connection.broken or cur.connection.closed:
+                cur.reconnect()
+            cur.execute(f"BEGIN ISOLATION LEVEL {isolation}")
+            began = time.monotonic() - asked
+            # The budget's rest, for waits inside the server too.
+            cur.execute(f"SET LOCAL lock_timeout = {remaining_ms}")
+            cur.execute(f"SET LOCAL statement_timeout = {remaining_ms}")
+            result = attempt()
+            committing = True
+            cur.execute("COMMIT")
+            return result, began
+        except RETRIED:
+            _rollback(cur)
+            lite_db.notify("busy_retries")
+            _sleep_before_retry(deadline)
+        except TIMED_OUT as exc:
+            _rollback(cur)
+            raise _failed(kind, what, exc, "database busy") from exc
+        except lite_db.Unavailable as exc:
+            if time.monotonic() + RECONNECT_PAUSE_S < deadline and exc.reason == "cannot connect":
+                time.sleep(RECONNECT_PAUSE_S)  # a server restarting: try again within the budget
+                continue
+            raise _failed(kind, what, exc, exc.reason) from None
+        except psycopg.OperationalError as exc:
+            if not cur.connection.broken:
+                _rollback(cur)
+                raise _failed(kind, what, exc, None) from exc
+            if committing:
+                lite_db.notify(f"{kind}_failures")
+                log.error(
+                    "%s %s: connection lost after COMMIT was sent: outcome unknown", kind, what
+                )
+                raise OutcomeUnknown(what) from exc
+            lite_db.notify("busy_retries")
+            _sleep_before_retry(deadline)
+        except psycopg.Error as exc:
+            _rollback(cur)
+            raise _failed(kind, what, exc, None) from exc
+
+
+def _rollback(cur: Cursor) -> None:
+    if not cur.connection.broken and not cur.connection.closed:
+        try:
+            cur.execute("ROLLBACK")
+        except psycopg.Error:
+            cur.connection.close()
+
+
+def _failed(kind: str, what: str, exc: Exception, reason: str | None) -> Exception:
+    """Log and count a failure; Unavailable for `reason`, else exc itself."""
+    lite_db.notify(f"{kind}_failures")
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    log.error("%s failed (%s): %s", kind, what, text)
+    return lite_db.Unavailable(reason) if reason is not None else exc
+
+
+def write(cur: Cursor, work: Callable[[Cursor], Any], one_statement: bool = False) -> Any:
+    """Run `work(cur)` in one transaction; its result (see the module's contract)."""
+    lite_db.notify("writes")
+    isolation = "READ COMMITTED" if one_statement else "SERIALIZABLE"
+    try:
+        result, waited = _run(
+            cur, lambda: work(cur), "write", getattr(work, "__name__", "write"), isolation
+        )
+    except lite_db.Unavailable:
+        lite_db.notify("write_lock_wait_s", lite_db.LOCK_BUDGET_MS / 1000)
+        raise
+    lite_db.notify("write_lock_wait_s", waited)
+    return result
+
+
+def query(cur: Cursor, sql: str, params: Sequence[Any] = ()) -> list[Row]:
+    """All rows of a read-only query, in its own transaction; raises as write does."""
+    if not isinstance(sql, str):
+        raise ValueError("sql must be a string")
+    result, _ = _run(
+        cur,
+        lambda: cur.execute(sql, params).fetchall(),
+        "read",
+        "query",
+        "READ COMMITTED READ ONLY",
+    )
+    return result
+
+
+def ensure_tables(cur: Cursor, feature: str, version: int, tables: Sequence[str]) -> None:
+    """Create the tables of `feature` if missing, and record its version (lite_db's contract).
+
+    Concurrent first calls from many processes are serialized by an advisory
+    lock held inside the creating transaction.
+    """
+    conn = cur.connection
+    if feature in conn.tables_ready:
+        return
+
+    def create(cur: Cursor) -> None:
+        cur.execute("SELECT pg_advisory_xact_lock(hashtext('lite_schema'))")
+        cur.execute(
+            "CREATE TABLE IF NOT EXISTS lite_schema (feature TEXT PRIMARY KEY,"
+            " version INTEGER NOT NULL)"
+        )
+        row = cur.execute(
+            "SELECT version FROM lite_schema WHERE feature = ?", (feature,)
+        ).fetchone()
+        if row is not None and row[0] >= version:
+            return
+        for statement in tables:
+            cur.execute(statement)
+        cur.execute(
+            "INSERT INTO lite_schema (feature, version) VALUES (?, ?)"
+            " ON CONFLICT (feature) DO UPDATE SET version = excluded.version",
+            (feature, version),
+        )
+
+    create.__name__ = f"tables of {feature}"
+    # READ COMMITTED: behind the advisory lock, a second process sees the first's tables.
+    _run(cur, lambda: create(cur), "write", create.__name__, "READ COMMITTED")
+    conn.tables_ready.add(feature)

@@ -1,0 +1,175 @@
+"""lite_pg against a private PostgreSQL: lite_db's contract on another engine.
+
+Exact counts from real processes, read-modify-write that loses nothing
+(serialization failures retried), the lock budget, a connection per
+process after fork, a server restart survived, and a connection lost
+before COMMIT (retried) or after it was sent (OutcomeUnknown)."""
+
+import os
+import threading
+import time
+
+import procs
+import psycopg
+import pytest
+
+import lite_db
+import lite_pg
+
+pytestmark = [pytest.mark.postgres, pytest.mark.slow]
+
+TABLES = ("CREATE TABLE IF NOT EXISTS tally (name TEXT PRIMARY KEY, value BIGINT NOT NULL)",)
+
+
+def _ready(url):
+    cur = lite_pg.cursor(url)
+    lite_pg.ensure_tables(cur, "tally", 1, TABLES)
+    lite_pg.write(
+        cur, lambda c: c.execute("INSERT INTO tally VALUES ('hits', 0) ON CONFLICT DO NOTHING")
+    )
+    return cur
+
+
+def _value(url):
+    with psycopg.connect(url) as conn:
+        return conn.execute("SELECT value FROM tally WHERE name = 'hits'").fetchone()[0]
+
+
+def test_rows_answer_by_index_and_name_with_question_mark_placeholders(pg_url):
+    cur = _ready(pg_url)
+    (row,) = lite_pg.query(cur, "SELECT name, value FROM tally WHERE name = ?", ("hits",))
+    assert (row[0], row["name"], row["value"]) == ("hits", "hits", 0)
+    assert lite_pg.query(cur, "SELECT '100%' AS p, ? AS q", ("x",))[0]["p"] == "100%"
+    cur.close()
+
+
+def _increment(url, times, read_modify_write):
+    cur = lite_pg.cursor(url)
+
+    def add_one(cur):
+        return cur.execute(
+            "UPDATE tally SET value = value + 1 WHERE name = 'hits' RETURNING value"
+        ).fetchone()[0]
+
+    def read_then_write(cur):
+        value = cur.execute("SELECT value FROM tally WHERE name = 'hits'").fetchone()[0]
+        cur.execute("UPDATE tally SET value = ? WHERE name = 'hits'", (value + 1,))
+        return value + 1
+
+    seen = []
+    for _ in range(times):
+        if read_modify_write:
+            seen.append(lite_pg.write(cur, read_then_write))
+        else:
+            seen.append(lite_pg.write(cur, add_one, one_statement=True))
+    cur.close()
+    return seen
+
+
+@pytest.mark.parametrize(
+    ("read_modify_write", "processes", "times"), [(False, 8, 100), (True, 4, 50)]
+)
+def test_processes_count_exactly(pg_url, read_modify_write, processes, times):
+    _ready(pg_url)
+    lite_pg.close_all()  # no connection carried into the children
+    results = procs.run(_increment, [(pg_url, times, read_modify_write)] * processes)
+    seen = sorted(value for values in results for value in values)
+    assert seen == list(range(1, processes * times + 1))  # each acknowledged value once
+    assert _value(pg_url) == processes * times
+
+
+def test_a_lock_held_past_the_budget_is_unavailable_and_writes_nothing(pg_url, monkeypatch):
+    cur = _ready(pg_url)
+    monkeypatch.setattr(lite_db, "LOCK_BUDGET_MS", 300)
+    with psycopg.connect(pg_url) as holder:
+        holder.execute("SELECT * FROM tally FOR UPDATE")
+        began = time.monotonic()
+        with pytest.raises(lite_db.Unavailable):
+            lite_pg.write(
+                cur,
+                lambda c: c.execute("UPDATE tally SET value = value + 1"),
+                one_statement=True,
+            )
+        took = time.monotonic() - began
+        holder.rollback()
+    assert 0.25 < took < 1.5
+    assert _value(pg_url) == 0
+
+
+def _backend(url):
+    cur = lite_pg.cursor(url)
+    return lite_pg.query(cur, "SELECT pg_backend_pid()")[0][0]
+
+
+def test_a_forked_child_opens_its_own_connection(pg_url):
+    parent = _backend(pg_url)
+    (child,) = procs.run(_backend, [(pg_url,)])  # spawn: a new process, as after exec
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # a forked child: the parent's connection is in memory, not used
+        try:
+            os.write(write, str(_backend(pg_url)).encode())
+        finally:
+            os._exit(0)
+    os.close(write)
+    forked = int(os.read(read, 64))
+    os.waitpid(pid, 0)
+    os.close(read)
+    assert len({parent, child, forked}) == 3
+    assert _backend(pg_url) == parent  # the parent's session survived the child
+
+
+def test_a_server_restart_is_survived(pg_url, pg_cluster):
+    cur = _ready(pg_url)
+    before = _backend(pg_url)
+    pg_cluster.script("stop")
+    pg_cluster.script("start")
+    assert (
+        lite_pg.write(
+            cur,
+            lambda c: c.execute("UPDATE tally SET value = value + 1 RETURNING value").fetchone()[0],
+            one_statement=True,
+        )
+        == 1
+    )
+    assert _backend(pg_url) != before
+
+
+def _terminate(url, backend):
+    with psycopg.connect(url, autocommit=True) as other:
+        other.execute("SELECT pg_terminate_backend(%s)", (backend,))
+        while other.execute("SELECT 1 FROM pg_stat_activity WHERE pid = %s", (backend,)).fetchone():
+            time.sleep(0.01)
+
+
+def test_a_connection_lost_before_commit_is_retried(pg_url):
+    cur = _ready(pg_url)
+    runs = []
+
+    def add_one(c):
+        runs.append(1)
+        if len(runs) == 1:
+            _terminate(pg_url, c.execute("SELECT pg_backend_pid()").fetchone()[0])
+        return c.execute("UPDATE tally SET value = value + 1 RETURNING value").fetchone()[0]
+
+    assert lite_pg.write(cur, add_one) == 1
+    assert len(runs) == 2 and _value(pg_url) == 1
+
+
+def test_a_connection_lost_after_commit_was_sent_is_outcome_unknown(pg_url):
+    cur = _ready(pg_url)
+    runs = []
+
+    def add_one(c):
+        runs.append(1)
+        c.execute("UPDATE tally SET value = value + 1")
+        backend = c.execute("SELECT pg_backend_pid()").fetchone()[0]
+        # The server ends the session before COMMIT arrives: to the client, the
+        # connection is lost under its COMMIT, and it cannot tell whether it took.
+        threading.Thread(target=_terminate, args=(pg_url, backend)).start()
+        time.sleep(0.5)
+
+    with pytest.raises(lite_pg.OutcomeUnknown):
+        lite_pg.write(cur, add_one)
+    assert len(runs) == 1  # never retried
+    assert _value(pg_url) == 0  # here it was not applied; the client cannot know that

@@ -61,7 +61,7 @@ MAX_BY = 1_000_000  # largest step of one increment
 MAX_BODY_BYTES = 64 * 1024  # 64 KiB: a larger body is refused (413), as Apache does
 FORM = "application/x-www-form-urlencoded"  # the one body type lite reads
 RETRY_AFTER_S = 1  # 1 s: what a 503 asks the client to wait
-ERROR_CODES = (400, 403, 404, 405, 409, 413, 415, 422, 500, 503)
+ERROR_CODES = (400, 403, 404, 405, 409, 413, 415, 422, 500, 502, 503)
 _BY = re.compile(r"[1-9][0-9]{0,6}\Z")
 _DIGITS = re.compile(r"[0-9]{1,19}\Z")
 _IDEMPOTENCY_KEY = re.compile(r"[A-Za-z0-9_.:-]{1,128}\Z")
@@ -113,6 +113,17 @@ def _json(status: int, body: dict[str, Any], **headers: Any) -> bottle.HTTPRespo
 def _unavailable() -> bottle.HTTPResponse:
     return _json(
         503, {"error": "database busy, retry later"}, **{"Retry-After": str(RETRY_AFTER_S)}
+    )
+
+
+def _outcome_unknown() -> bottle.HTTPResponse:
+    """502: the database connection was lost under COMMIT (lite_pg); maybe applied, maybe not."""
+    return _json(
+        502,
+        {
+            "error": "outcome unknown: the database connection was lost while committing;"
+            " read the value back, or repeat the request with the same Idempotency-Key"
+        },
     )
 
 
@@ -262,7 +273,11 @@ def _increment(cur: sqlite3.Cursor, name: str | None, by: int, key: str | None =
         if key is None:
             name, value = lite_counters.increment(cur, name, by)
         else:
-            name, value, replayed = lite_counters.increment_once(cur, name, by, key)
+            try:
+                name, value, replayed = lite_counters.increment_once(cur, name, by, key)
+            except lite_db.OutcomeUnknown:
+                # Safe to ask again: the key makes it apply once; a replay says it took.
+                name, value, replayed = lite_counters.increment_once(cur, name, by, key)
             if replayed:
                 bottle.response.set_header("Idempotent-Replayed", "true")
     except lite_counters.NoSuchCounter:
@@ -289,9 +304,15 @@ class LitePlugin:
     api = 2
 
     def __init__(
-        self, db_path: str, config_path: str, keyword: str = "db", create_database: bool = False
+        self,
+        db_path: str,
+        config_path: str,
+        keyword: str = "db",
+        create_database: bool = False,
+        database_url: str | None = None,
     ) -> None:
         self.db_path = db_path
+        self.database_url = database_url
         self.config_path = config_path
         self.keyword = keyword
         self.create_database = create_database
@@ -302,12 +323,20 @@ class LitePlugin:
             if isinstance(other, LitePlugin) and other.keyword == self.keyword:
                 raise bottle.PluginError(f"another plugin already provides {self.keyword!r}")
 
+    def cursor(self) -> Any:
+        """A new cursor: on PostgreSQL if a database URL is set, else on SQLite."""
+        if self.database_url:
+            import lite_pg  # psycopg: only where PostgreSQL is used
+
+            return lite_pg.cursor(self.database_url)
+        return lite_db.cursor(self.db_path, create=self.create_database)
+
     def apply(self, callback: Callable[..., Any], route: bottle.Route) -> Callable[..., Any]:
         wants_cursor = self.keyword in route.get_callback_args()
 
         def wrapper(*args: Any, **kwargs: Any) -> Any:
             try:
-                cur = lite_db.cursor(self.db_path, create=self.create_database)
+                cur = self.cursor()
             except lite_db.Unavailable:
                 raise _unavailable() from None
             try:
@@ -320,6 +349,8 @@ class LitePlugin:
                 return callback(*args, **kwargs)
             except lite_db.Unavailable:
                 raise _unavailable() from None
+            except lite_db.OutcomeUnknown:
+                raise _outcome_unknown() from None
             finally:
                 cur.close()
 
@@ -331,7 +362,7 @@ class LitePlugin:
 
 def _stats(metrics: lite_metrics.Metrics, cur: sqlite3.Cursor) -> dict[str, Any]:
     """The metrics' figures, summed over every process that served, and the database's."""
-    figures = metrics.totals(cur.connection.path)
+    figures = metrics.totals(getattr(cur.connection, "path", None))  # None: not SQLite
     database = lite_ops.database_figures(cur)
     database["last_checkpoint_at"] = figures["last_checkpoint_at"]
     return {
@@ -374,7 +405,10 @@ def _version_shown(version: dict[str, Any] | None) -> dict[str, Any] | None:
 
 
 def make_app(
-    db_path: str | None = None, config_path: str | None = None, create_database: bool = False
+    db_path: str | None = None,
+    config_path: str | None = None,
+    create_database: bool = False,
+    database_url: str | None = None,
 ) -> bottle.Bottle:
     """The lite WSGI app on `db_path` with counters from `config_path`.
 
@@ -389,7 +423,10 @@ def make_app(
         config_path or os.environ.get("LITE_CONFIG_PATH") or DEFAULT_CONFIG_PATH
     )
     page_template = bottle.SimpleTemplate(source=lite_page.PAGE)
-    plugin = LitePlugin(db_path, config_path, create_database=create_database)
+    database_url = database_url or os.environ.get("LITE_DATABASE_URL") or None
+    plugin = LitePlugin(
+        db_path, config_path, create_database=create_database, database_url=database_url
+    )
     app = bottle.Bottle()
     # Routes find the plugin here: a route closing over a plain value would
     # hang bottle 0.13's Route.get_undecorated_callback (see tests/test_app.py).
@@ -466,7 +503,8 @@ def make_app(
         bottle.response.set_header("Content-Type", lite_metrics.CONTENT_TYPE)
         bottle.response.set_header("Cache-Control", "no-store")
         config = bottle.request.app.config
-        return config["lite.metrics"].render(config["lite.plugin"].db_path)
+        plugin = config["lite.plugin"]
+        return config["lite.metrics"].render(None if plugin.database_url else plugin.db_path)
 
     @app.post("/lite/inc")
     def increment(db: sqlite3.Cursor) -> dict[str, Any]:

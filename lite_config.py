@@ -24,6 +24,11 @@ Contract:
   without blocking; a byte order mark is accepted. The settle time is not waited
   out while no version was ever applied to the database (a new database): a
   file that stays the same across the read and parses is applied at once.
+- On a database shared by several machines (lite_pg: PostgreSQL), each
+  holds its own copy of the file with its own mtime, so there a version is
+  the content alone: a new content is applied once in total, a `touch` is
+  not a version. `apply_now(..., again=True)` (`lite apply-config --again`)
+  applies the file even if its version is applied already.
 - The state lives in the database's own tables, `lite_config_state` (the
   applied version) and `lite_config_audit` (one row per application),
   created on first use beside the demo's `counters`.
@@ -143,8 +148,9 @@ def _apply(
     key: tuple[int, int, int],
     fingerprint: str,
     counters: dict[str, int],
+    again: bool = False,
 ) -> str:
-    """Work for lite_db.write: apply `counters` unless `fingerprint` is stored.
+    """Work for lite_db.write: apply `counters` unless `fingerprint` is stored (or `again`).
 
     Returns "applied"; "current" when another process applied it first;
     "unsettled" when the file changed since it was read: applying it now could
@@ -155,7 +161,7 @@ def _apply(
     state = cur.execute(
         "SELECT fingerprint, rejected_fingerprint FROM lite_config_state"
     ).fetchone()
-    if state is not None and state["fingerprint"] == fingerprint:
+    if state is not None and state["fingerprint"] == fingerprint and not again:
         if state["rejected_fingerprint"] is not None:
             # The good version is back: the next bad one is news again.
             cur.execute("UPDATE lite_config_state SET rejected_fingerprint = NULL")
@@ -244,12 +250,13 @@ class ConfigWatcher:
             "config_rejected": self.rejected,
         }
 
-    def refresh(self, cur: sqlite3.Cursor, force: bool = False) -> str:
+    def refresh(self, cur: sqlite3.Cursor, force: bool = False, again: bool = False) -> str:
         """Apply the file if it changed since this process last looked.
 
         `force` skips the settle time (for the command line, not for
-        requests). Returns what happened: "unchanged", "applied" (by this
-        process), "current" (another process had applied it), "rejected" or
+        requests); `again` applies the file even if its version is applied.
+        Returns what happened: "unchanged", "applied" (by this process),
+        "current" (another process had applied it), "rejected" or
         "unsettled" (looked at again on the next call). Raises
         lite_db.Unavailable; the file is looked at again on the next call.
         """
@@ -263,7 +270,11 @@ class ConfigWatcher:
             if read is None:
                 return "unsettled"
             key, age_s, data = read
-            fingerprint = f"{key[0]}-{key[1]}-{hashlib.sha256(data).hexdigest()}"
+            digest = hashlib.sha256(data).hexdigest()
+            if getattr(cur, "engine", "sqlite") == "sqlite":
+                fingerprint = f"{key[0]}-{key[1]}-{digest}"
+            else:  # shared by machines, whose copies differ in mtime
+                fingerprint = f"content-{digest}"
             # A file modified less than SETTLE_S ago may still be being
             # written: it waits, unless it parses and the database has no
             # version yet (an app's first start should not answer "no
@@ -295,7 +306,7 @@ class ConfigWatcher:
             return "rejected"
 
         def apply_config(cur: sqlite3.Cursor) -> str:
-            return _apply(cur, self.path, key, fingerprint, counters)
+            return _apply(cur, self.path, key, fingerprint, counters, again)
 
         outcome = lite_db.write(cur, apply_config)
         if outcome == "unsettled":
@@ -329,13 +340,20 @@ def applied_version(cur: sqlite3.Cursor) -> dict[str, Any] | None:
     return dict(rows[0]) if rows else None
 
 
-def apply_now(db_path: str, config_path: str) -> str:
-    """Apply `config_path` to `db_path` now, settled or not; what happened.
+def apply_now(database: str, config_path: str, again: bool = False) -> str:
+    """Apply `config_path` to `database` now, settled or not; what happened.
 
-    For the command line (`lite_ops apply-config`). Raises lite_db.Unavailable.
+    `database`: a SQLite file (created if missing) or a postgresql:// URL.
+    `again`: apply even if this version is applied already. For the command
+    line (`lite apply-config`). Raises lite_db.Unavailable.
     """
-    cur = lite_db.cursor(db_path)
+    if database.startswith(("postgresql://", "postgres://")):
+        import lite_pg  # psycopg: only where PostgreSQL is used
+
+        cur: Any = lite_pg.cursor(database)
+    else:
+        cur = lite_db.cursor(database)
     try:
-        return ConfigWatcher(config_path).refresh(cur, force=True)
+        return ConfigWatcher(config_path).refresh(cur, force=True, again=again)
     finally:
         cur.close()

@@ -28,6 +28,7 @@ IDEMPOTENCY_TTL_S = 24 * 3600  # 24 h: how long an Idempotency-Key is remembered
 PRUNE_INTERVAL_S = 10.0  # 10 s: least time between two prunings of expired keys by a connection
 PRUNE_BATCH = 500  # expired keys removed by one pruning, at most
 SQLITE_CONSTRAINT_DATATYPE = 3091  # a STRICT column refused a value (e.g. an overflow to REAL)
+NUMERIC_VALUE_OUT_OF_RANGE = "22003"  # PostgreSQL's SQLSTATE for a BIGINT overflow
 COUNTERS_TABLES = (
     "CREATE TABLE IF NOT EXISTS counters ("
     " name TEXT PRIMARY KEY, value INTEGER NOT NULL, position INTEGER NOT NULL) STRICT",
@@ -77,8 +78,8 @@ def ensure_counters(cur: sqlite3.Cursor) -> None:
     """
     if "counters" in cur.connection.tables_ready:
         return
-    found = lite_db.query(cur, "SELECT name FROM pragma_table_info('counters')")
-    if found and [row[0] for row in found] != ["name", "value", "position"]:
+    found = lite_db.table_columns(cur, "counters")
+    if found and found != ["name", "value", "position"]:
         raise ValueError("this database has a table named counters that is not lite's")
     lite_db.ensure_tables(cur, "counters", 1, COUNTERS_TABLES)
 
@@ -92,9 +93,11 @@ def _add(cur: sqlite3.Cursor, name: str | None, by: int) -> Any:
     """Run the increment statement: (name, value), None for no counter, or _OVERFLOW."""
     try:
         return cur.execute(_INCREMENT, (by, name)).fetchone()
-    except sqlite3.IntegrityError as exc:
+    except Exception as exc:  # sqlite3's, or another engine's (lite_pg: psycopg's)
         if getattr(exc, "sqlite_errorcode", None) == SQLITE_CONSTRAINT_DATATYPE:
             return _OVERFLOW
+        if getattr(exc, "sqlstate", None) == NUMERIC_VALUE_OUT_OF_RANGE:
+            return _OVERFLOW  # the transaction is aborted: its COMMIT rolls back
         raise
 
 

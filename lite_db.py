@@ -156,6 +156,15 @@ class Unavailable(Exception):
         self.reason = reason
 
 
+class OutcomeUnknown(Exception):
+    """The connection was lost after COMMIT was sent: the write may or may not be in.
+
+    Raised by engines reached over a network (lite_pg), never by SQLite;
+    never retried. Already logged and counted. A client tells by reading
+    back, or by repeating the request with the same Idempotency-Key.
+    """
+
+
 @dataclass
 class Figures:
     """What one connection (or, summed, one process) has done.
@@ -960,6 +969,17 @@ def _columns(cur: sqlite3.Cursor, table: str) -> tuple[str, ...]:
     return cache[table]
 
 
+def table_columns(cur: sqlite3.Cursor, table: str) -> list[str]:
+    """The columns of `table` in their order; [] when there is no such table.
+
+    Raises Unavailable as a read does.
+    """
+    if not isinstance(cur, sqlite3.Cursor):  # another engine's cursor (lite_pg)
+        return cur.table_columns(table)
+    rows = query(cur, "SELECT name FROM pragma_table_info(?)", (table,))
+    return [row[0] for row in rows]
+
+
 def _check_columns(cur: sqlite3.Cursor, table: str, names: Iterable[str]) -> tuple[str, ...]:
     columns = _columns(cur, table)
     for name in names:
@@ -1094,6 +1114,9 @@ def ensure_tables(cur: sqlite3.Cursor, feature: str, version: int, tables: Seque
     connection and feature; a write only when the feature is new to the
     database. Raises Unavailable as a write does.
     """
+    if not isinstance(cur, sqlite3.Cursor):  # another engine's cursor (lite_pg)
+        cur.ensure_tables(feature, version, tables)
+        return
     conn = cur.connection
     if feature in conn.tables_ready:
         return
@@ -1131,6 +1154,8 @@ def query(cur: sqlite3.Cursor, sql: str, params: Sequence[Any] = ()) -> list[sql
     """
     if not isinstance(sql, str):
         raise ValueError("sql must be a string")
+    if not isinstance(cur, sqlite3.Cursor):  # another engine's cursor (lite_pg)
+        return cur.query(sql, params)
     return _read(cur, lambda: cur.execute(sql, params).fetchall(), "query")
 
 
@@ -1147,6 +1172,8 @@ def write(
     Raises Unavailable, or the sqlite3.Error, after logging and counting it;
     nothing was written then.
     """
+    if not isinstance(cur, sqlite3.Cursor):  # another engine's cursor (lite_pg)
+        return cur.write(work, one_statement)
     return _write(cur, work, getattr(work, "__name__", "write"), one_statement)
 
 

@@ -268,19 +268,21 @@ class Metrics:
         series[0].inc()
         series[1].observe(seconds)
 
-    def _measure(self, db_path: str) -> None:
+    def _measure(self, db_path: str | None) -> None:
+        if db_path is None:  # not SQLite: no files to measure
+            return
         for gauge, name in ((self.db_bytes, db_path), (self.wal_bytes, db_path + "-wal")):
             try:
                 gauge.set(os.path.getsize(name))
             except OSError:
                 gauge.set(0)
 
-    def render(self, db_path: str) -> bytes:
+    def render(self, db_path: str | None) -> bytes:
         """Every metric in Prometheus text format, the sizes of `db_path` measured now."""
         self._measure(db_path)
         return prometheus_client.generate_latest(self.registry)
 
-    def totals(self, db_path: str) -> dict[str, Any]:
+    def totals(self, db_path: str | None) -> dict[str, Any]:
         """The figures /lite/stats shows: sums over every process, and the gauges."""
         totals: dict[str, Any] = dict.fromkeys(TOTALS.values(), 0)
         gauges: dict[str, Any] = {}

@@ -44,7 +44,8 @@ def health(cur: sqlite3.Cursor) -> str | None:
     failed", "write failed", or "files changed: …" once the database file
     was removed or replaced under this process; the details are logged).
     """
-    refused = lite_db.refusal(cur.connection.path)
+    path = getattr(cur.connection, "path", None)  # None: not SQLite (lite_pg)
+    refused = lite_db.refusal(path) if path else None
     if refused is not None:
         return f"files changed: {refused}"
     try:
@@ -73,6 +74,8 @@ def database_figures(cur: sqlite3.Cursor) -> dict[str, Any]:
 
     Raises lite_db.Unavailable.
     """
+    if not isinstance(cur, sqlite3.Cursor):  # another engine's cursor (lite_pg)
+        return cur.database_figures()
     synchronous_names = {0: "OFF", 1: "NORMAL", 2: "FULL", 3: "EXTRA"}
     path = cur.connection.path
     rows = lite_db.query(
@@ -167,10 +170,17 @@ def main(argv: list[str] | None = None) -> int:
     command.add_argument("db")
     command = commands.add_parser(
         "apply-config",
-        help="apply CONFIG to DB now, creating DB if missing (once per version, as the app does)",
+        help="apply CONFIG to DB (a SQLite file, created if missing, or a postgresql:// URL)"
+        " now, once per version, as the app does",
     )
     command.add_argument("db")
     command.add_argument("config")
+    command.add_argument(
+        "--again",
+        action="store_true",
+        help="apply it even if this version is applied already (on PostgreSQL a touch is not"
+        " a version)",
+    )
     try:
         args = parser.parse_args(argv)
     except SystemExit as exc:  # --help, --version (0) or bad usage (2), already printed
@@ -189,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"check: {args.db} {'ok' if ok else 'FAILED (see above)'}")
         return 0 if ok else 1
     try:
-        outcome = lite_config.apply_now(args.db, args.config)
+        outcome = lite_config.apply_now(args.db, args.config, again=args.again)
     except lite_db.Unavailable:
         outcome = "failed (see above)"
     print(f"config {args.config}: {outcome}")

@@ -6,7 +6,10 @@ The same contract as lite_db, on an engine several machines can share:
   replaced before the next statement).
 - `cursor(url)` gives a Cursor whose statements use lite_db's `?`
   placeholders and whose rows answer by index and by column name, as
-  sqlite3.Row does; close it when done.
+  sqlite3.Row does; close it when done. lite_db's write, query,
+  ensure_tables and table_columns, given one, run here: lite_counters,
+  lite_config and lite_ops work on either engine. lite's CREATE statements
+  are SQLite's, translated (`postgres_ddl`).
 - `write(cur, work, one_statement)` runs `work(cur)` in one transaction and
   returns its result. A transaction is SERIALIZABLE, a one-statement write
   READ COMMITTED (one UPDATE … SET value = value + 1 is atomic there).
@@ -16,7 +19,7 @@ The same contract as lite_db, on an engine several machines can share:
   once and must have no effects outside the database. Past the budget (a
   lock held, the server unreachable): Unavailable (lite_db's), nothing
   written. A connection lost after COMMIT was sent leaves the outcome
-  unknown: OutcomeUnknown, never retried, never Unavailable.
+  unknown: lite_db.OutcomeUnknown, never retried, never Unavailable.
 - `query(cur, sql, params)`: all rows, within the budget, retried the same.
 - Every failure is logged and counted; lite_db.listeners get the events.
 """
@@ -24,6 +27,7 @@ The same contract as lite_db, on an engine several machines can share:
 import logging
 import os
 import random
+import re
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -45,13 +49,7 @@ TIMED_OUT = (psycopg.errors.LockNotAvailable, psycopg.errors.QueryCanceled)
 log = logging.getLogger(__name__)
 
 
-class OutcomeUnknown(Exception):
-    """The connection was lost after COMMIT was sent: the write may or may not be in.
-
-    Already logged and counted. A client can tell only by reading back (or
-    by repeating the request with the same Idempotency-Key, which lite
-    applies once).
-    """
+OutcomeUnknown = lite_db.OutcomeUnknown
 
 
 class Row(tuple):
@@ -75,19 +73,23 @@ def _row_factory(cursor: psycopg.Cursor) -> Callable[[Sequence[Any]], Row]:
 
 
 class Connection(psycopg.Connection):
-    """A connection that knows whose it is: its URL, process and thread."""
+    """A connection that knows whose it is: its URL and process; what it has checked."""
 
     url: str
     pid: int
     tables_ready: set[str]
+    last_prune: float  # time.monotonic() of its last pruning of expired keys (lite_counters)
 
 
 class Cursor:
     """A statement runner on this thread's connection, with lite_db's `?` placeholders.
 
     Its connection is replaced (and the statement fails) when found broken;
-    write and query run their work again on the new one.
+    write and query run their work again on the new one. lite_db's write,
+    query, ensure_tables and table_columns, given this cursor, call its own.
     """
+
+    engine = "postgresql"
 
     def __init__(self, url: str) -> None:
         self.url = url
@@ -96,9 +98,13 @@ class Cursor:
 
     def execute(self, sql: str, params: Sequence[Any] = ()) -> "Cursor":
         if params:
-            self._cursor.execute(sql.replace("%", "%%").replace("?", "%s"), params)
+            self._cursor.execute(_placeholders(sql), params)
         else:
             self._cursor.execute(sql)
+        return self
+
+    def executemany(self, sql: str, params_seq: Sequence[Sequence[Any]]) -> "Cursor":
+        self._cursor.executemany(_placeholders(sql), params_seq)
         return self
 
     def fetchone(self) -> Row | None:
@@ -121,6 +127,60 @@ class Cursor:
     def close(self) -> None:
         if not self._cursor.closed and not self.connection.broken:
             self._cursor.close()
+
+    def write(self, work: Callable[["Cursor"], Any], one_statement: bool = False) -> Any:
+        return write(self, work, one_statement)
+
+    def query(self, sql: str, params: Sequence[Any] = ()) -> list[Row]:
+        return query(self, sql, params)
+
+    def ensure_tables(self, feature: str, version: int, tables: Sequence[str]) -> None:
+        ensure_tables(self, feature, version, tables)
+
+    def table_columns(self, table: str) -> list[str]:
+        rows = query(
+            self,
+            "SELECT column_name FROM information_schema.columns"
+            " WHERE table_schema = current_schema() AND table_name = ? ORDER BY ordinal_position",
+            (table,),
+        )
+        return [row[0] for row in rows]
+
+    def database_figures(self) -> dict[str, Any]:
+        (row,) = query(
+            self,
+            "SELECT current_setting('server_version') AS server_version,"
+            " current_setting('default_transaction_isolation') AS isolation,"
+            " pg_database_size(current_database()) AS db_bytes",
+        )
+        return {
+            "engine": self.engine,
+            "server_version": row["server_version"],
+            "isolation": "serializable (transactions), read committed (one statement)",
+            "lock_budget_ms": lite_db.LOCK_BUDGET_MS,
+            "db_bytes": row["db_bytes"],
+        }
+
+
+def _placeholders(sql: str) -> str:
+    """lite_db's `?` placeholders as psycopg's `%s` (a literal % doubled)."""
+    return sql.replace("%", "%%").replace("?", "%s")
+
+
+def postgres_ddl(statement: str) -> str:
+    """A CREATE statement written for SQLite (lite's tables), as PostgreSQL takes it.
+
+    INTEGER is 64-bit in SQLite: BIGINT; an INTEGER PRIMARY KEY numbers
+    itself: an identity column; REAL: DOUBLE PRECISION; STRICT goes (every
+    PostgreSQL table is).
+    """
+    statement = re.sub(r"\bINTEGER\b", "BIGINT", statement)
+    statement = statement.replace(
+        "BIGINT PRIMARY KEY", "BIGINT GENERATED BY DEFAULT AS IDENTITY PRIMARY KEY"
+    )
+    statement = re.sub(r"\bREAL\b", "DOUBLE PRECISION", statement)
+    statement = re.sub(r"\bBLOB\b", "BYTEA", statement)
+    return re.sub(r"\)\s*STRICT\s*$", ")", statement)
 
 
 class _Registry:
@@ -150,7 +210,7 @@ def _open(url: str) -> Connection:
     except psycopg.OperationalError as exc:
         log.warning("cannot connect to PostgreSQL: %s", str(exc).strip().splitlines()[0])
         raise lite_db.Unavailable("cannot connect") from None
-    conn.url, conn.pid, conn.tables_ready = url, os.getpid(), set()
+    conn.url, conn.pid, conn.tables_ready, conn.last_prune = url, os.getpid(), set(), 0.0
     return conn
 
 
@@ -317,7 +377,7 @@ def ensure_tables(cur: Cursor, feature: str, version: int, tables: Sequence[str]
         if row is not None and row[0] >= version:
             return
         for statement in tables:
-            cur.execute(statement)
+            cur.execute(postgres_ddl(statement))
         cur.execute(
             "INSERT INTO lite_schema (feature, version) VALUES (?, ?)"
             " ON CONFLICT (feature) DO UPDATE SET version = excluded.version",

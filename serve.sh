@@ -27,6 +27,10 @@
 #                     many it keeps (default 5)
 #   LITE_LOG_FORMAT   plain (default: lite's log lines in error.log) or json
 #                     (one JSON object per line in apache/logs/lite.jsonl)
+#   LITE_DATABASE_URL postgresql://... : lite on that PostgreSQL instead of
+#                     SQLite (psycopg is then installed into the venv)
+#   LITE_POSTGRES     private: start (and stop) a private PostgreSQL in
+#                     $LITE_HOME/postgres (scripts/postgres.sh) and use it
 #   LITE_UNIT         the systemd unit's name (default lite), written to
 #                     LITE_SYSTEMD_DIR (default /etc/systemd/system)
 #
@@ -52,6 +56,8 @@ ACCESS_LOG_FILES=${LITE_ACCESS_LOG_FILES:-5}
 LOG_FORMAT=${LITE_LOG_FORMAT:-plain}
 # prometheus_client's multiprocess directory: the daemons' metric files.
 METRICS_DIR=$APACHE_DIR/metrics
+DATABASE_URL=${LITE_DATABASE_URL:-}
+export LITE_PG_HOME=${LITE_PG_HOME:-$LITE_HOME/postgres}
 UNIT=${LITE_UNIT:-lite}.service
 UNIT_FILE=${LITE_SYSTEMD_DIR:-/etc/systemd/system}/$UNIT
 
@@ -153,7 +159,7 @@ install_lite() {
         "$APACHE_DIR/logs"
     install -m 0644 "$SRC/lite_app.py" "$SRC/lite_db.py" "$SRC/lite_counters.py" \
         "$SRC/lite_config.py" "$SRC/lite_ops.py" "$SRC/lite_page.py" "$SRC/lite_metrics.py" \
-        "$LITE_HOME/app/"
+        "$SRC/lite_pg.py" "$LITE_HOME/app/"
     if [ ! -e "$LITE_HOME/app/config.ini" ]; then
         install -m 0644 "$SRC/config.ini" "$LITE_HOME/app/config.ini"
     fi
@@ -164,7 +170,18 @@ install_lite() {
         "$LITE_HOME/venv/bin/pip" install -q --disable-pip-version-check -r "$SRC/requirements.txt"
         cp "$SRC/requirements.txt" "$LITE_HOME/venv/requirements.txt"
     fi
-    "$SRC/resetapp.sh"
+    if [ -n "$DATABASE_URL" ]; then
+        if ! "$LITE_HOME/venv/bin/python" -c "import psycopg" 2>/dev/null; then
+            say "installing psycopg into $LITE_HOME/venv (lite on PostgreSQL)"
+            "$LITE_HOME/venv/bin/pip" install -q --disable-pip-version-check \
+                -r "$SRC/requirements-postgres.txt"
+        fi
+        # The tables and config.ini's first version, in the shared database.
+        PYTHONPATH="$LITE_HOME/app" "$LITE_HOME/venv/bin/python" -m lite_ops apply-config \
+            "$DATABASE_URL" "$LITE_HOME/app/config.ini" >/dev/null
+    else
+        "$SRC/resetapp.sh"
+    fi
     write_httpd_conf
     /usr/sbin/apache2 -t -f "$APACHE_DIR/httpd.conf" 2>&1 | grep -v "Syntax OK" || true
 }
@@ -177,7 +194,7 @@ daemon_env() {
     [ "$LOG_FORMAT" != json ] || log_file=$APACHE_DIR/logs/lite.jsonl
     printf '%s\n' LANG=C.UTF-8 LC_ALL=C.UTF-8 "LITE_SYNCHRONOUS=${LITE_SYNCHRONOUS:-NORMAL}" \
         "LITE_LOG_FORMAT=$LOG_FORMAT" "LITE_LOG_FILE=$log_file" \
-        "PROMETHEUS_MULTIPROC_DIR=$METRICS_DIR"
+        "PROMETHEUS_MULTIPROC_DIR=$METRICS_DIR" "LITE_DATABASE_URL=$DATABASE_URL"
 }
 
 # What every start needs, Apache not running: an empty metrics directory
@@ -261,6 +278,19 @@ remove_unit() {
     say "removed $UNIT; $0 start runs Apache itself again"
 }
 
+# LITE_POSTGRES=private: the private PostgreSQL (scripts/postgres.sh) is
+# started first and its URL given to lite.
+start_private_postgres() {
+    [ "${LITE_POSTGRES:-}" = private ] || return 0
+    "$SRC/scripts/postgres.sh" start
+    DATABASE_URL=$("$SRC/scripts/postgres.sh" url)
+}
+
+stop_private_postgres() {
+    [ "${LITE_POSTGRES:-}" = private ] || return 0
+    "$SRC/scripts/postgres.sh" stop
+}
+
 wait_until_serving() {
     /usr/bin/python3 - "$URL/get" "$START_TIMEOUT_S" <<'EOF'
 import sys, time, urllib.request
@@ -286,6 +316,7 @@ start() {
     fi
     rm -f "$PIDFILE" # stale: Apache would take a live PID in it for itself
     stop_orphans
+    start_private_postgres
     install_lite
     prepare_run
     if [ -f "$UNIT_FILE" ]; then
@@ -362,6 +393,7 @@ stop() {
         say "not running"
         rm -f "$PIDFILE"
         stop_orphans
+        stop_private_postgres
         return 0
     fi
     # SIGTERM: Apache stops its workers and the mod_wsgi daemons, then exits.
@@ -378,6 +410,7 @@ stop() {
     rm -f "$PIDFILE"
     stop_orphans # e.g. the daemons of a parent that had to be killed
     say "stopped (PID $pid)"
+    stop_private_postgres
 }
 
 case "${1:-start}" in

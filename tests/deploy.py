@@ -27,6 +27,7 @@ APP_FILES = (
     "lite_ops.py",
     "lite_page.py",
     "lite_metrics.py",
+    "lite_pg.py",
 )
 
 

@@ -27,7 +27,7 @@ MODULES = [
     "lite_page",
     "lite_metrics",
 ]
-ADAPTERS = ["lite_flask", "lite_django.base"]
+ADAPTERS = ["lite_flask", "lite_django.base", "lite_pg"]
 CORE = ["lite_db", "lite_counters", "lite_config", "lite_ops"]  # the standard library only
 
 
@@ -61,7 +61,7 @@ def test_the_wheel_holds_the_modules_and_nothing_else(wheel):
     names = zipfile.ZipFile(built).namelist()
     code = sorted(name for name in names if ".dist-info/" not in name)
     assert code == sorted(
-        [f"{name}.py" for name in (*MODULES, "lite_flask")]
+        [f"{name}.py" for name in (*MODULES, "lite_flask", "lite_pg")]
         + ["lite_django/__init__.py", "lite_django/base.py"]
     )
     assert f"lite-{lite_db.__version__}.dist-info/licenses/LICENSE" in names
@@ -88,7 +88,7 @@ def test_installed_the_core_needs_only_the_standard_library_and_lite_works(wheel
 def test_with_its_extras_every_module_imports(wheel):
     work, built = wheel
     pip = str(work / "venv" / "bin" / "pip")
-    _run(pip, "install", "-q", f"lite[app,flask,django] @ {built.as_uri()}")
+    _run(pip, "install", "-q", f"lite[app,flask,django,postgres] @ {built.as_uri()}")
     code = "import " + ", ".join(MODULES + ADAPTERS) + "; print(lite_app.application)"
     out = _run(str(work / "venv" / "bin" / "python"), "-c", code, cwd=work)
     assert "Bottle" in out

@@ -18,6 +18,9 @@ the same lite.conf (processes=20 threads=1):
               own sqlite3 backend as its docs advise for concurrency
               (IMMEDIATE, WAL, timeout 5 s)
 - django-lite the same app on lite_django
+- lite-pg     lite_app.py on PostgreSQL (LITE_DATABASE_URL): a private
+              PostgreSQL 15 (scripts/postgres.sh) in the scratch home, over
+              TCP on 127.0.0.1
 
 `--apps` picks some of them (hello is always measured: every ratio needs it).
 
@@ -60,12 +63,14 @@ APPS = [
     ("lite-prev", "lite_prev_app.py", "NORMAL"),
     ("django", "django_stock_wsgi.py", "NORMAL"),
     ("django-lite", "django_wsgi.py", "NORMAL"),
+    ("lite-pg", "lite_pg_app.py", "NORMAL"),
 ]
 # An app's ratios to each of these, besides hello, when they ran in the same rounds.
 COMPARED = {
     "lite": ("minimal", "lite-prev"),
     "lite-full": ("minimal-full",),
     "django-lite": ("django",),
+    "lite-pg": ("lite",),
 }
 DJANGO_APPS = ("django", "django-lite")
 PREV_DIR = "prev"  # where lite-prev's files go, beside lite_app.py
@@ -79,13 +84,27 @@ os.environ["LITE_CONFIG_PATH"] = os.path.join(here, "config.ini")
 import lite_app
 application = lite_app.application
 """
+# The WSGI script that serves lite on the bench's private PostgreSQL.
+PG_APP = """import os
+os.environ["LITE_DATABASE_URL"] = {url!r}
+import lite_app
+application = lite_app.application
+"""
 CONNECTIONS = 20
 POST_BODY = "counter=hits"
 
 
-def run(cmd: list[str], env: dict | None = None, timeout: float = 600) -> str:
+def run(
+    cmd: list[str], env: dict | None = None, timeout: float = 600, cwd: str | None = None
+) -> str:
     done = subprocess.run(
-        cmd, env=env, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL
+        cmd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        stdin=subprocess.DEVNULL,
+        cwd=cwd,
     )
     if done.returncode != 0:
         raise RuntimeError(f"{cmd[0]} failed ({done.returncode}): {done.stdout}{done.stderr}")
@@ -239,10 +258,34 @@ def install_django(home: str) -> None:
     run(["runuser", "-u", "www-data", "--", "env", *settings, python, "-m", "django", "migrate"])
 
 
-def prepare(home: str, port: int, baseline: str | None, django: bool) -> dict:
-    env = {**os.environ, "LITE_HOME": home, "LITE_PORT": str(port)}
+def install_postgres(home: str, env: dict) -> None:
+    """A private PostgreSQL in `home`, psycopg in the venv, config.ini applied, the WSGI script."""
+    run([os.path.join(ROOT, "scripts", "postgres.sh"), "start"], env=env)
+    url = run([os.path.join(ROOT, "scripts", "postgres.sh"), "url"], env=env).strip()
+    venv = os.path.join(home, "venv", "bin")
+    run([os.path.join(venv, "pip"), "install", "-q", "-r", f"{ROOT}/requirements-postgres.txt"])
+    app = os.path.join(home, "app")
+    run(
+        [os.path.join(venv, "python"), "-m", "lite_ops", "apply-config", url, "config.ini"],
+        env={**env, "PYTHONPATH": app},
+        cwd=app,
+    )
+    with open(os.path.join(app, "lite_pg_app.py"), "w") as out:
+        out.write(PG_APP.format(url=url))
+
+
+def prepare(home: str, port: int, baseline: str | None, django: bool, postgres: bool) -> dict:
+    env = {
+        **os.environ,
+        "LITE_HOME": home,
+        "LITE_PORT": str(port),
+        "LITE_PG_HOME": os.path.join(home, "postgres"),
+        "LITE_PG_PORT": str(port + 1),
+    }
     run([os.path.join(ROOT, "serve.sh"), "install"], env=env)
     app = os.path.join(home, "app")
+    if postgres:
+        install_postgres(home, env)
     for name in ("hello_app.py", "minimal_app.py", "naive_app.py"):
         shutil.copy(os.path.join(HERE, name), app)
     if django:
@@ -417,7 +460,10 @@ def main(argv: list[str]) -> int:
     home = tempfile.mkdtemp(prefix="lite-bench-", dir="/tmp")
     os.chmod(home, 0o755)
     rc = os.path.join(ROOT, "siegerc")
-    env = prepare(home, args.port, args.baseline, any(app[0] in DJANGO_APPS for app in apps))
+    postgres = any(app[0] == "lite-pg" for app in apps)
+    env = prepare(
+        home, args.port, args.baseline, any(app[0] in DJANGO_APPS for app in apps), postgres
+    )
     base = f"http://127.0.0.1:{args.port}"
     rounds = []
     try:
@@ -435,6 +481,8 @@ def main(argv: list[str]) -> int:
                     truncate_wals(home)
             rounds.append(results)
     finally:
+        if postgres:
+            run([os.path.join(ROOT, "scripts", "postgres.sh"), "stop"], env=env)
         shutil.rmtree(home, ignore_errors=True)
     alone = []
     if not args.no_sqlite_alone:

@@ -11,16 +11,20 @@ The same contract as lite_db, on an engine several machines can share:
   lite_config and lite_ops work on either engine. lite's CREATE statements
   are SQLite's, translated (`postgres_ddl`).
 - `write(cur, work, one_statement)` runs `work(cur)` in one transaction and
-  returns its result. A transaction is SERIALIZABLE, a one-statement write
-  READ COMMITTED (one UPDATE … SET value = value + 1 is atomic there).
-  PostgreSQL's transient failures — serialization failure, deadlock, a
-  connection lost before COMMIT was sent — are retried, with jittered
-  sleeps, within lite_db.LOCK_BUDGET_MS in all, so `work` may run more than
-  once and must have no effects outside the database. Past the budget (a
-  lock held, the server unreachable): Unavailable (lite_db's), nothing
-  written. A connection lost after COMMIT was sent leaves the outcome
-  unknown: lite_db.OutcomeUnknown, never retried, never Unavailable.
-- `query(cur, sql, params)`: all rows, within the budget, retried the same.
+  returns its result. A transaction is SERIALIZABLE; a one-statement write
+  is its own READ COMMITTED transaction, one round trip (one UPDATE … SET
+  value = value + 1 is atomic there). PostgreSQL's transient failures —
+  serialization failure, deadlock, a connection lost before COMMIT was
+  sent — are retried, with jittered sleeps, within lite_db.LOCK_BUDGET_MS
+  in all, so `work` may run more than once and must have no effects
+  outside the database. Past the budget (a lock held, the server
+  unreachable): Unavailable (lite_db's), nothing written. A connection lost
+  after COMMIT was sent (for a one-statement write: after the statement
+  was) leaves the outcome unknown: lite_db.OutcomeUnknown, never retried,
+  never Unavailable.
+- `query(cur, sql, params)`: all rows, one statement in one round trip,
+  within the budget, retried the same (a lost connection too: a read
+  changes nothing).
 - Every failure is logged and counted; lite_db.listeners get the events.
 """
 
@@ -28,6 +32,7 @@ import logging
 import os
 import random
 import re
+import select
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -79,6 +84,7 @@ class Connection(psycopg.Connection):
     pid: int
     tables_ready: set[str]
     last_prune: float  # time.monotonic() of its last pruning of expired keys (lite_counters)
+    timeout_ms: int  # the session's lock_timeout and statement_timeout, as last set
 
 
 class Cursor:
@@ -211,6 +217,7 @@ def _open(url: str) -> Connection:
         log.warning("cannot connect to PostgreSQL: %s", str(exc).strip().splitlines()[0])
         raise lite_db.Unavailable("cannot connect") from None
     conn.url, conn.pid, conn.tables_ready, conn.last_prune = url, os.getpid(), set(), 0.0
+    conn.timeout_ms = 0  # PostgreSQL's default: none
     return conn
 
 
@@ -255,28 +262,59 @@ def _sleep_before_retry(deadline: float) -> None:
     time.sleep(min(random.uniform(0, RETRY_SLEEP_MAX_S), max(0.0, deadline - time.monotonic())))
 
 
-def _run(
-    cur: Cursor, attempt: Callable[[], Any], kind: str, what: str, isolation: str
-) -> tuple[Any, float]:
-    """attempt() in one transaction, retried within the budget; (result, seconds to BEGIN).
+def _ended_by_server(conn: Connection) -> bool:
+    """True if the server ended this idle session (a restart, a terminated backend).
 
+    An idle session has nothing to read, unless the server sent its last
+    word (FATAL) and closed: seen without a round trip, so that a write is
+    never sent on a session already gone, where its outcome would look
+    unknown.
+    """
+    try:
+        return bool(select.select([conn.fileno()], [], [], 0)[0])
+    except (OSError, ValueError, psycopg.Error):
+        return True
+
+
+def _set_timeouts(cur: Cursor, milliseconds: int) -> None:
+    """The session's lock and statement timeouts, sent only when they change."""
+    if cur.connection.timeout_ms != milliseconds:
+        cur.execute(f"SET lock_timeout = {milliseconds}; SET statement_timeout = {milliseconds}")
+        cur.connection.timeout_ms = milliseconds
+
+
+def _run(
+    cur: Cursor, attempt: Callable[[], Any], kind: str, what: str, isolation: str | None
+) -> tuple[Any, float]:
+    """attempt() retried within the budget; (result, seconds until it could start).
+
+    `isolation`: attempt() runs in one transaction of that level; None: it
+    runs one statement, its own transaction (one round trip), for which a
+    lost connection means the outcome is unknown — unless kind is "read".
     Raises Unavailable, OutcomeUnknown or the database error, logged and counted.
     """
     asked = time.monotonic()
-    deadline = asked + lite_db.LOCK_BUDGET_MS / 1000
+    budget_ms = lite_db.LOCK_BUDGET_MS
+    deadline = asked + budget_ms / 1000
     while True:
         remaining_ms = int((deadline - time.monotonic()) * 1000)
         committing = False
         try:
             if remaining_ms <= 0:
                 raise lite_db.Unavailable("lock budget spent")
-            if cur.connection.broken or cur.connection.closed:
+            if cur.connection.broken or cur.connection.closed or _ended_by_server(cur.connection):
                 cur.reconnect()
-            cur.execute(f"BEGIN ISOLATION LEVEL {isolation}")
             began = time.monotonic() - asked
-            # The budget's rest, for waits inside the server too.
-            cur.execute(f"SET LOCAL lock_timeout = {remaining_ms}")
-            cur.execute(f"SET LOCAL statement_timeout = {remaining_ms}")
+            if isolation is None:
+                # The budget's rest bounds waits inside the server too; the
+                # first attempt's is the whole budget, as the session has it.
+                _set_timeouts(cur, budget_ms if remaining_ms > budget_ms - 50 else remaining_ms)
+                committing = kind == "write"
+                return attempt(), began
+            cur.execute(
+                f"BEGIN ISOLATION LEVEL {isolation}; SET LOCAL lock_timeout = {remaining_ms};"
+                f" SET LOCAL statement_timeout = {remaining_ms}"
+            )
             result = attempt()
             committing = True
             cur.execute("COMMIT")
@@ -299,9 +337,7 @@ def _run(
                 raise _failed(kind, what, exc, None) from exc
             if committing:
                 lite_db.notify(f"{kind}_failures")
-                log.error(
-                    "%s %s: connection lost after COMMIT was sent: outcome unknown", kind, what
-                )
+                log.error("%s %s: connection lost while committing: outcome unknown", kind, what)
                 raise OutcomeUnknown(what) from exc
             lite_db.notify("busy_retries")
             _sleep_before_retry(deadline)
@@ -329,7 +365,7 @@ def _failed(kind: str, what: str, exc: Exception, reason: str | None) -> Excepti
 def write(cur: Cursor, work: Callable[[Cursor], Any], one_statement: bool = False) -> Any:
     """Run `work(cur)` in one transaction; its result (see the module's contract)."""
     lite_db.notify("writes")
-    isolation = "READ COMMITTED" if one_statement else "SERIALIZABLE"
+    isolation = None if one_statement else "SERIALIZABLE"
     try:
         result, waited = _run(
             cur, lambda: work(cur), "write", getattr(work, "__name__", "write"), isolation
@@ -350,7 +386,7 @@ def query(cur: Cursor, sql: str, params: Sequence[Any] = ()) -> list[Row]:
         lambda: cur.execute(sql, params).fetchall(),
         "read",
         "query",
-        "READ COMMITTED READ ONLY",
+        None,
     )
     return result
 

@@ -14,7 +14,7 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-pytestmark = [pytest.mark.apache, pytest.mark.slow]
+pytestmark = [pytest.mark.apache, pytest.mark.postgres, pytest.mark.slow]
 
 
 def test_the_benchmark_runs_and_lite_loses_nothing(tmp_path):
@@ -42,12 +42,14 @@ def test_the_benchmark_runs_and_lite_loses_nothing(tmp_path):
         "lite-prev",
         "django",
         "django-lite",
+        "lite-pg",
     }
     assert report["machine"]["sqlite"]
     assert "ratio_to_lite-prev" in report["summary"]["lite"]["wrk_inc"]
     assert "ratio_to_minimal" in report["summary"]["lite"]["wrk_get"]
     assert "p99_ratio_to_django" in report["summary"]["django-lite"]["wrk_inc"]
-    for app in ("lite", "lite-full", "lite-prev", "django", "django-lite"):
+    assert "ratio_to_lite" in report["summary"]["lite-pg"]["wrk_inc"]
+    for app in ("lite", "lite-full", "lite-prev", "django", "django-lite", "lite-pg"):
         for key, figures in report["summary"][app].items():
             assert figures["non_2xx_total"] == 0, (app, key)
             assert figures["socket_errors"] == 0, (app, key)

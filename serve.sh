@@ -282,6 +282,8 @@ remove_unit() {
 # started first and its URL given to lite.
 start_private_postgres() {
     [ "${LITE_POSTGRES:-}" = private ] || return 0
+    [ "$(id -u)" -eq 0 ] || fail "run as root: it installs packages and starts PostgreSQL"
+    "$SRC/scripts/setup.sh" # with LITE_POSTGRES=private, PostgreSQL too
     "$SRC/scripts/postgres.sh" start
     DATABASE_URL=$("$SRC/scripts/postgres.sh" url)
 }
@@ -345,6 +347,13 @@ DB=$LITE_HOME/app/data/lite.db
 backup() {
     local dest=${1:?usage: serve.sh backup DEST} tmp
     [ "$(id -u)" -eq 0 ] || fail "run as root"
+    if [ "${LITE_POSTGRES:-}" = private ]; then
+        DATABASE_URL=$("$SRC/scripts/postgres.sh" url)
+    fi
+    if [ -n "$DATABASE_URL" ]; then
+        backup_postgres "$dest"
+        return
+    fi
     [ -e "$DB" ] || fail "no database at $DB"
     [ ! -e "$dest" ] || fail "$dest exists: backup never overwrites"
     # The copy is taken as the daemon user (a connection of another user
@@ -359,6 +368,20 @@ backup() {
     chown root:root "$tmp"
     mv "$tmp" "$dest"
     say "backup written to $dest"
+}
+
+# PostgreSQL's own consistent copy: pg_dump in its custom format, one
+# snapshot while lite keeps serving; restore with pg_restore (docs/postgresql.md).
+backup_postgres() {
+    local dest=$1
+    [ ! -e "$dest" ] || fail "$dest exists: backup never overwrites"
+    if ! /usr/lib/postgresql/15/bin/pg_dump --format=custom --file="$dest.partial" \
+        "$DATABASE_URL"; then
+        rm -f "$dest.partial"
+        fail "pg_dump failed"
+    fi
+    mv "$dest.partial" "$dest"
+    say "backup (pg_dump --format=custom) written to $dest"
 }
 
 restore() {

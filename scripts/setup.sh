@@ -5,13 +5,17 @@
 # systemd-analyze checks lite's unit), PostgreSQL 15, .venv (made from
 # /usr/bin/python3) with the test tools of requirements-dev.txt, and
 # Django's source distribution (its own tests) in build/.
-# Idempotent: installs only what is missing. Needs root for apt-get.
+# With LITE_POSTGRES=private (serve.sh's private PostgreSQL), PostgreSQL 15
+# too. Idempotent: installs only what is missing. Needs root for apt-get.
 # `--list` (after --dev, or alone) prints the Debian packages and installs nothing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 # Serving needs Apache, mod_wsgi (with rotatelogs, from apache2-utils) and Python.
 PACKAGES=(apache2 apache2-utils libapache2-mod-wsgi-py3 python3 python3-venv ca-certificates)
+if [ "${LITE_POSTGRES:-}" = private ]; then
+    PACKAGES+=(postgresql-15) # serve.sh's private PostgreSQL, when asked for
+fi
 if [ "${1:-}" = "--dev" ]; then
     # The load tools and the browser are the tests' (and the benchmark's);
     # systemd gives systemd-analyze, which checks the unit serve.sh writes;

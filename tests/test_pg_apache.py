@@ -6,8 +6,10 @@ increment; PostgreSQL restarted under load: 503s while it is down, nothing
 lost, service back on its own."""
 
 import contextlib
+import json
 import os
 import signal
+import subprocess
 import time
 
 import deploy
@@ -99,3 +101,36 @@ def test_postgresql_restarted_under_load_loses_nothing(shared, pg_cluster):
     assert set(load.statuses) <= {200, 503, 502}, load.statuses
     assert len(load.ok) > 100  # before and after
     assert a.wait_healthy()
+
+
+def test_backup_is_pg_dump_and_restores_the_same_counts(shared, pg_cluster, tmp_path):
+    url, (a, _) = shared
+    a.request("/lite/inc", data=b"counter=hits")
+    dump = str(tmp_path / "lite.dump")
+    made = a.script("serve.sh", "backup", dump)
+    assert made.returncode == 0, made.stdout + made.stderr
+    assert a.script("serve.sh", "backup", dump).returncode == 1  # never overwrites
+    copy = pg_cluster.new_database()
+    restored = subprocess.run(
+        ["/usr/lib/postgresql/15/bin/pg_restore", "--no-owner", "-d", copy, dump],
+        capture_output=True,
+        text=True,
+    )
+    assert restored.returncode == 0, restored.stderr
+    assert value(copy) == value(url)
+    assert audit(copy) == audit(url)
+
+
+def test_serve_runs_a_private_postgresql_when_asked():
+    port = deploy.free_port()
+    env = {"LITE_POSTGRES": "private", "LITE_PG_PORT": str(port)}
+    with deploy.deployed(env=env) as dep:
+        pid_file = os.path.join(dep.home, "postgres", "data", "postmaster.pid")
+        with open(pid_file) as f:
+            postgres = int(f.readline())
+        status, _, body = dep.request("/lite/inc", data=b"counter=hits")
+        assert status == 200, body
+        assert json.loads(dep.request("/lite/stats")[2])["database"]["engine"] == "postgresql"
+        url = f"postgresql://lite@127.0.0.1:{port}/lite"
+        assert value(url) == json.loads(body)["value"]
+    assert not deploy.alive(postgres)  # stopped with lite, by its PID

@@ -39,6 +39,7 @@ import os
 import platform
 import re
 import shutil
+import socket
 import sqlite3
 import statistics
 import subprocess
@@ -258,6 +259,13 @@ def install_django(home: str) -> None:
     run(["runuser", "-u", "www-data", "--", "env", *settings, python, "-m", "django", "migrate"])
 
 
+def free_port() -> int:
+    """A port on 127.0.0.1 that nothing listens on now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def install_postgres(home: str, env: dict) -> None:
     """A private PostgreSQL in `home`, psycopg in the venv, config.ini applied, the WSGI script."""
     run([os.path.join(ROOT, "scripts", "postgres.sh"), "start"], env=env)
@@ -280,7 +288,7 @@ def prepare(home: str, port: int, baseline: str | None, django: bool, postgres: 
         "LITE_HOME": home,
         "LITE_PORT": str(port),
         "LITE_PG_HOME": os.path.join(home, "postgres"),
-        "LITE_PG_PORT": str(port + 1),
+        "LITE_PG_PORT": str(free_port()),
     }
     run([os.path.join(ROOT, "serve.sh"), "install"], env=env)
     app = os.path.join(home, "app")

@@ -156,7 +156,6 @@ class Cursor:
         (row,) = query(
             self,
             "SELECT current_setting('server_version') AS server_version,"
-            " current_setting('default_transaction_isolation') AS isolation,"
             " pg_database_size(current_database()) AS db_bytes",
         )
         return {
@@ -225,12 +224,19 @@ def connect(url: str) -> Connection:
     """This process's and thread's connection to `url`, opened if needed.
 
     After a fork the parent's connections are dropped (never closed: closing
-    would end the parent's session); a broken one is replaced. Raises
-    Unavailable when the server cannot be reached.
+    would end the parent's session); a broken one is replaced; those of
+    threads that have ended are closed (a server with a thread per request
+    would otherwise keep a session per request). Raises Unavailable
+    when the server cannot be reached.
     """
     registry = _registry
     if registry.pid != os.getpid():
         registry.__init__()  # a forked child: start over
+    if len(registry.connections) > threading.active_count():  # some threads have ended
+        running = {thread.ident for thread in threading.enumerate()}
+        for (_, ident), held in list(registry.connections.items()):
+            if ident not in running:
+                registry.forget(held)
     key = (url, threading.get_ident())
     conn = registry.connections.get(key)
     if conn is not None and not conn.broken and not conn.closed:

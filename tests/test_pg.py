@@ -173,3 +173,38 @@ def test_a_connection_lost_after_commit_was_sent_is_outcome_unknown(pg_url):
         lite_pg.write(cur, add_one)
     assert len(runs) == 1  # never retried
     assert _value(pg_url) == 0  # here it was not applied; the client cannot know that
+
+
+def _sessions(url):
+    with psycopg.connect(url) as conn:
+        return conn.execute(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+        ).fetchone()[0]
+
+
+def test_threads_that_end_leave_no_sessions_behind(pg_url):
+    _ready(pg_url)
+    together = threading.Barrier(10)
+
+    def one_request(wait):
+        cur = lite_pg.cursor(pg_url)
+        lite_pg.query(cur, "SELECT value FROM tally")
+        cur.close()
+        if wait:
+            together.wait(10)  # all alive at once: ten threads, ten sessions
+
+    threads = [threading.Thread(target=one_request, args=(True,)) for _ in range(10)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert _sessions(pg_url) >= 10  # theirs, until a new connection is opened
+    last = threading.Thread(target=one_request, args=(False,))
+    last.start()
+    last.join()
+    # This thread's session, the last request thread's, and the one counting
+    # (a closed session's backend leaves pg_stat_activity a moment later).
+    deadline = time.monotonic() + 5
+    while _sessions(pg_url) > 3 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _sessions(pg_url) <= 3

@@ -119,7 +119,7 @@ def _chromium(profile):
 
 def test_the_page_in_a_real_browser(deployment, tmp_path):
     """Load /lite in Chromium, click +1, see the new value; keep a screenshot."""
-    from selenium.common.exceptions import StaleElementReferenceException
+    from selenium.common.exceptions import WebDriverException
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
@@ -129,14 +129,16 @@ def test_the_page_in_a_real_browser(deployment, tmp_path):
         value = int(browser.find_element(By.ID, "value-misses").text)
         browser.find_element(By.ID, "inc-misses").click()
         # The click loads a new page (303): an element found on the old one
-        # may go stale while it is read; the wait then looks again.
-        WebDriverWait(browser, 10, ignored_exceptions=[StaleElementReferenceException]).until(
+        # may go stale while it is read (StaleElementReference, or Chromium's
+        # "Node with given id does not belong to the document"); the wait then
+        # looks again, and fails after 10 s if the value never comes.
+        WebDriverWait(browser, 10, ignored_exceptions=[WebDriverException]).until(
             lambda b: b.find_element(By.ID, "value-misses").text == str(value + 1)
         )
         assert deployment.value("misses") == value + 1
         assert browser.current_url == deployment.base + "/lite"  # the 303 came back
         # The figures refresh themselves every 2 s.
-        WebDriverWait(browser, 10, ignored_exceptions=[StaleElementReferenceException]).until(
+        WebDriverWait(browser, 10, ignored_exceptions=[WebDriverException]).until(
             lambda b: b.find_element(By.ID, "refreshed").text.startswith("updated")
         )
         writes = browser.find_element(By.CSS_SELECTOR, '[data-stat="totals.writes"]')

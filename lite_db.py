@@ -37,6 +37,10 @@ Contract:
   computes its new row from values the caller read earlier, outside the
   write lock, so two processes that read the same value both write
   value + 1 and one update is lost without any error.
+- Other engines: `write`, `query`, `ensure_tables` and `table_columns`,
+  given a cursor that is not sqlite3's (lite_pg's, for PostgreSQL), call
+  that cursor's own; so code written against these helpers runs on either.
+  Such an engine raises `OutcomeUnknown` when a commit's answer is lost.
 - Figures: each connection counts its work in `Figures`; `figures()` sums
   them for this process; each function in `listeners` is called with
   (event, amount) as it happens, so that metrics stay outside the core.

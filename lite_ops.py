@@ -11,8 +11,8 @@ Contract:
   `PRAGMA integrity_check` on a file, read-only. Both return False (logged)
   on failure and never overwrite.
 - Command line: `lite` (or `python -m lite_ops`) `backup DB DEST | check
-  DB | apply-config DB CONFIG | --version`; exit status 0 on success, 1 on
-  failure, 2 on bad usage.
+  DB | apply-config [--again] DB-OR-URL CONFIG | --version`; exit status 0
+  on success, 1 on failure, 2 on bad usage.
 """
 
 import argparse

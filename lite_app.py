@@ -313,6 +313,11 @@ class LitePlugin:
     ) -> None:
         self.db_path = db_path
         self.database_url = database_url
+        self.postgres = None  # lite_pg when a database URL is set (psycopg: only then)
+        if database_url:
+            import lite_pg
+
+            self.postgres = lite_pg
         self.config_path = config_path
         self.keyword = keyword
         self.create_database = create_database
@@ -325,10 +330,8 @@ class LitePlugin:
 
     def cursor(self) -> Any:
         """A new cursor: on PostgreSQL if a database URL is set, else on SQLite."""
-        if self.database_url:
-            import lite_pg  # psycopg: only where PostgreSQL is used
-
-            return lite_pg.cursor(self.database_url)
+        if self.postgres is not None:
+            return self.postgres.cursor(self.database_url)
         return lite_db.cursor(self.db_path, create=self.create_database)
 
     def apply(self, callback: Callable[..., Any], route: bottle.Route) -> Callable[..., Any]:

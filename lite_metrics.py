@@ -67,14 +67,19 @@ METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")  # others
 LOCK_FILE = "lite-metrics.lock"
 ARCHIVE = "archive"  # the process part of an archive file's name
 
+
 # How a dead process's values join the archive, by file kind; pairs are
 # (value, timestamp). live* gauges end with their process; "all" gauges
 # (one series per process) are left as they are.
+def _summed(a: tuple[float, float], b: tuple[float, float]) -> tuple[float, float]:
+    return a[0] + b[0], 0.0
+
+
 _FOLD: dict[str, Callable[[tuple[float, float], tuple[float, float]], tuple[float, float]]] = {
-    "counter": lambda a, b: (a[0] + b[0], 0.0),
-    "histogram": lambda a, b: (a[0] + b[0], 0.0),
-    "summary": lambda a, b: (a[0] + b[0], 0.0),
-    "gauge_sum": lambda a, b: (a[0] + b[0], 0.0),
+    "counter": _summed,
+    "histogram": _summed,
+    "summary": _summed,
+    "gauge_sum": _summed,
     "gauge_max": lambda a, b: max(a, b),
     "gauge_min": lambda a, b: min(a, b),
     "gauge_mostrecent": lambda a, b: a if a[1] >= b[1] else b,

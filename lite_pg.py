@@ -50,6 +50,7 @@ RECONNECT_PAUSE_S = 0.1  # 100 ms between two attempts to reach a server that re
 RETRIED = (psycopg.errors.SerializationFailure, psycopg.errors.DeadlockDetected)
 # The budget ran out inside the server: a lock or a statement that waited too long.
 TIMED_OUT = (psycopg.errors.LockNotAvailable, psycopg.errors.QueryCanceled)
+_IN_TRANSACTION = (psycopg.pq.TransactionStatus.INTRANS, psycopg.pq.TransactionStatus.INERROR)
 
 log = logging.getLogger(__name__)
 
@@ -353,11 +354,14 @@ def _run(
 
 
 def _rollback(cur: Cursor) -> None:
-    if not cur.connection.broken and not cur.connection.closed:
-        try:
-            cur.execute("ROLLBACK")
-        except psycopg.Error:
-            cur.connection.close()
+    """End the failed attempt's transaction, if one is open (a lone statement opens none)."""
+    conn = cur.connection
+    if conn.broken or conn.closed or conn.info.transaction_status not in _IN_TRANSACTION:
+        return
+    try:
+        cur.execute("ROLLBACK")
+    except psycopg.Error:
+        conn.close()
 
 
 def _failed(kind: str, what: str, exc: Exception, reason: str | None) -> Exception:
@@ -372,19 +376,19 @@ def write(cur: Cursor, work: Callable[[Cursor], Any], one_statement: bool = Fals
     """Run `work(cur)` in one transaction; its result (see the module's contract)."""
     lite_db.notify("writes")
     isolation = None if one_statement else "SERIALIZABLE"
+    asked = time.monotonic()
+    waited = None  # until it could start; on failure, all the time it tried
     try:
         result, waited = _run(
             cur, lambda: work(cur), "write", getattr(work, "__name__", "write"), isolation
         )
-    except lite_db.Unavailable:
-        lite_db.notify("write_lock_wait_s", lite_db.LOCK_BUDGET_MS / 1000)
-        raise
-    lite_db.notify("write_lock_wait_s", waited)
+    finally:
+        lite_db.notify("write_lock_wait_s", time.monotonic() - asked if waited is None else waited)
     return result
 
 
 def query(cur: Cursor, sql: str, params: Sequence[Any] = ()) -> list[Row]:
-    """All rows of a read-only query, in its own transaction; raises as write does."""
+    """All rows of a read-only query, one statement; raises as write does."""
     if not isinstance(sql, str):
         raise ValueError("sql must be a string")
     result, _ = _run(

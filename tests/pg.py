@@ -37,6 +37,22 @@ class Cluster:
         return f"postgresql://lite@127.0.0.1:{self.port}/{name}"
 
 
+def query_one(url, sql, params=()):
+    """The first row of `sql`, read in a session of its own (deploy.read_only_query's twin)."""
+    with psycopg.connect(url) as conn:
+        return conn.execute(sql, params).fetchone()
+
+
+def hits(url):
+    """The demo counter's value in the database at `url`."""
+    return query_one(url, "SELECT value FROM counters WHERE name = 'hits'")[0]
+
+
+def audit_rows(url):
+    """How many config versions were applied to the database at `url`."""
+    return query_one(url, "SELECT count(*) FROM lite_config_audit")[0]
+
+
 @contextlib.contextmanager
 def private_cluster():
     if os.geteuid() != 0:

@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import deploy
+import pg
 import procs
 import psycopg
 import pytest
@@ -29,11 +30,6 @@ def pg_app(pg_url, config_path):
     return app
 
 
-def _one(url, sql, params=()):
-    with psycopg.connect(url) as conn:
-        return conn.execute(sql, params).fetchone()
-
-
 def test_the_routes_answer_as_on_sqlite(pg_app, pg_url):
     assert pg_app.get("/lite/get").json == {"counter": "hits", "value": 0}
     assert pg_app.post("/lite/inc", {"counter": "hits", "by": "5"}).json == {
@@ -51,7 +47,7 @@ def test_the_routes_answer_as_on_sqlite(pg_app, pg_url):
     assert stats["database"]["engine"] == "postgresql"
     assert stats["database"]["server_version"].startswith("15")
     assert "lite_http_requests_total" in pg_app.get("/metrics", status=200).text
-    assert _one(pg_url, "SELECT value FROM counters WHERE name = 'hits'") == (6,)
+    assert pg.hits(pg_url) == 6
 
 
 def test_an_overflow_is_409_and_writes_nothing(pg_app, pg_url):
@@ -61,7 +57,7 @@ def test_an_overflow_is_409_and_writes_nothing(pg_app, pg_url):
     assert pg_app.post("/lite/inc", {"counter": "hits"}, status=409).json["error"]
     key = {"Idempotency-Key": "k-overflow"}
     pg_app.post("/lite/inc", {"counter": "hits"}, headers=key, status=409)
-    assert _one(pg_url, "SELECT value FROM counters WHERE name = 'hits'") == (2**63 - 1,)
+    assert pg.hits(pg_url) == 2**63 - 1
 
 
 def test_an_idempotency_key_applies_once(pg_app, pg_url):
@@ -71,7 +67,7 @@ def test_an_idempotency_key_applies_once(pg_app, pg_url):
     assert first.json == again.json == {"counter": "hits", "value": 3}
     assert again.headers["Idempotent-Replayed"] == "true"
     pg_app.post("/lite/inc", {"counter": "hits", "by": "4"}, headers=key, status=422)
-    assert _one(pg_url, "SELECT value FROM counters WHERE name = 'hits'") == (3,)
+    assert pg.hits(pg_url) == 3
 
 
 def test_an_unreachable_server_is_503_with_retry_after(config_path, monkeypatch):
@@ -116,17 +112,13 @@ def test_20_processes_increment_exactly(pg_app, pg_url, config_path):
     results = procs.run(_serve, [(pg_url, str(config_path), 25)] * 20)
     seen = sorted(value for values in results for value in values)
     assert seen == list(range(1, 501))
-    assert _one(pg_url, "SELECT value FROM counters WHERE name = 'hits'") == (500,)
+    assert pg.hits(pg_url) == 500
 
 
 def _watch(url, config_path):
     """One request of a new process (a server of its own) with its own copy of config.ini."""
     app = webtest.TestApp(lite_app.make_app(config_path=config_path, database_url=url))
     return app.get("/lite/get").json["value"]
-
-
-def _audit(url):
-    return _one(url, "SELECT count(*) FROM lite_config_audit")[0]
 
 
 def test_config_is_applied_once_per_content_across_machines(pg_app, pg_url, tmp_path):
@@ -136,18 +128,18 @@ def test_config_is_applied_once_per_content_across_machines(pg_app, pg_url, tmp_
         write_config(tmp_path / machine / "config.ini", CONFIG, age_s=age_s)
         copies.append(tmp_path / machine / "config.ini")
     pg_app.post("/lite/inc", {"counter": "hits", "by": "7"})
-    assert _audit(pg_url) == 1
+    assert pg.audit_rows(pg_url) == 1
     procs.run(_watch, [(pg_url, str(path)) for path in copies * 2])
-    assert _audit(pg_url) == 1  # the same content: not a version
-    assert _one(pg_url, "SELECT value FROM counters WHERE name = 'hits'") == (7,)
+    assert pg.audit_rows(pg_url) == 1  # the same content: not a version
+    assert pg.hits(pg_url) == 7
     for path in copies:
         settle(path, age_s=30)  # a touch
     assert procs.run(_watch, [(pg_url, str(path)) for path in copies * 2]) == [7] * 4
-    assert _audit(pg_url) == 1
+    assert pg.audit_rows(pg_url) == 1
     for path in copies:  # a new content, on both machines
         write_config(path, "[counters]\nhits = 100\nmisses = 0\n")
     assert procs.run(_watch, [(pg_url, str(path)) for path in copies * 4]) == [100] * 8
-    assert _audit(pg_url) == 2  # once in total
+    assert pg.audit_rows(pg_url) == 2  # once in total
     pg_app.post("/lite/inc", {"counter": "hits"})
     forced = subprocess.run(
         [sys.executable, "-m", "lite_ops", "apply-config", "--again", pg_url, str(copies[0])],
@@ -156,5 +148,5 @@ def test_config_is_applied_once_per_content_across_machines(pg_app, pg_url, tmp_
     )
     assert forced.returncode == 0, forced.stderr
     assert "applied" in forced.stdout
-    assert _audit(pg_url) == 3
-    assert _one(pg_url, "SELECT value FROM counters WHERE name = 'hits'") == (100,)
+    assert pg.audit_rows(pg_url) == 3
+    assert pg.hits(pg_url) == 100

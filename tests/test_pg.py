@@ -9,6 +9,7 @@ import os
 import threading
 import time
 
+import pg
 import procs
 import psycopg
 import pytest
@@ -31,8 +32,7 @@ def _ready(url):
 
 
 def _value(url):
-    with psycopg.connect(url) as conn:
-        return conn.execute("SELECT value FROM tally WHERE name = 'hits'").fetchone()[0]
+    return pg.query_one(url, "SELECT value FROM tally WHERE name = 'hits'")[0]
 
 
 def test_rows_answer_by_index_and_name_with_question_mark_placeholders(pg_url):
@@ -176,10 +176,8 @@ def test_a_connection_lost_after_commit_was_sent_is_outcome_unknown(pg_url):
 
 
 def _sessions(url):
-    with psycopg.connect(url) as conn:
-        return conn.execute(
-            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
-        ).fetchone()[0]
+    sql = "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+    return pg.query_one(url, sql)[0]
 
 
 def test_threads_that_end_leave_no_sessions_behind(pg_url):

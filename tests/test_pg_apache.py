@@ -14,7 +14,7 @@ import time
 
 import deploy
 import history
-import psycopg
+import pg
 import pytest
 
 pytestmark = [pytest.mark.apache, pytest.mark.postgres, pytest.mark.slow]
@@ -33,26 +33,16 @@ def shared(pg_cluster):
         yield url, deps
 
 
-def value(url):
-    with psycopg.connect(url) as conn:
-        return conn.execute("SELECT value FROM counters WHERE name = 'hits'").fetchone()[0]
-
-
-def audit(url):
-    with psycopg.connect(url) as conn:
-        return conn.execute("SELECT count(*) FROM lite_config_audit").fetchone()[0]
-
-
 def test_two_apaches_count_exactly_and_survive_one_killed(shared):
     url, (a, b) = shared
-    before = value(url)
+    before = pg.hits(url)
     waits = [history.start(dep.port, seconds=6.0) for dep in (a, b)]
     time.sleep(2.5)
     for pid in [a.apache_pid(), *deploy.children(a.apache_pid())]:  # the whole machine
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
     loads = [wait() for wait in waits]
-    after = value(url)
+    after = pg.hits(url)
     merged = history.History()
     for load in loads:
         merged.ok += load.ok
@@ -72,31 +62,31 @@ def test_two_apaches_count_exactly_and_survive_one_killed(shared):
 
 def test_a_config_version_is_applied_once_across_both(shared):
     url, deps = shared
-    applied = audit(url)
+    applied = pg.audit_rows(url)
     for age_s, dep in zip((5.0, 3600.0), deps, strict=True):  # mtimes differ
         dep.write_config("[counters]\nhits = 1000\nmisses = 0\n", age_s=age_s)
     wait = [history.start(dep.port, seconds=3.0) for dep in deps]
     loads = [w() for w in wait]
-    assert audit(url) == applied + 1
+    assert pg.audit_rows(url) == applied + 1
     assert all(not load.failed for load in loads), [load.statuses for load in loads]
     for dep in deps:  # a touch on each machine: the same content, no version
         os.utime(dep.config, (time.time() - 5, time.time() - 5))
-    before = value(url)
+    before = pg.hits(url)
     loads = [w() for w in [history.start(dep.port, seconds=2.0) for dep in deps]]
-    assert audit(url) == applied + 1
-    assert value(url) == before + sum(len(load.ok) for load in loads)
+    assert pg.audit_rows(url) == applied + 1
+    assert pg.hits(url) == before + sum(len(load.ok) for load in loads)
 
 
 def test_postgresql_restarted_under_load_loses_nothing(shared, pg_cluster):
     url, (a, _) = shared
-    before = value(url)
+    before = pg.hits(url)
     wait = history.start(a.port, seconds=8.0)
     time.sleep(2.0)
     pg_cluster.script("stop")
     time.sleep(2.0)
     pg_cluster.script("start")
     load = wait()
-    load.check(before, value(url))
+    load.check(before, pg.hits(url))
     assert load.statuses.get(503, 0) > 0, load.statuses  # while it was down
     assert set(load.statuses) <= {200, 503, 502}, load.statuses
     assert len(load.ok) > 100  # before and after
@@ -117,8 +107,8 @@ def test_backup_is_pg_dump_and_restores_the_same_counts(shared, pg_cluster, tmp_
         text=True,
     )
     assert restored.returncode == 0, restored.stderr
-    assert value(copy) == value(url)
-    assert audit(copy) == audit(url)
+    assert pg.hits(copy) == pg.hits(url)
+    assert pg.audit_rows(copy) == pg.audit_rows(url)
 
 
 def test_serve_runs_a_private_postgresql_when_asked():
@@ -132,5 +122,5 @@ def test_serve_runs_a_private_postgresql_when_asked():
         assert status == 200, body
         assert json.loads(dep.request("/lite/stats")[2])["database"]["engine"] == "postgresql"
         url = f"postgresql://lite@127.0.0.1:{port}/lite"
-        assert value(url) == json.loads(body)["value"]
+        assert pg.hits(url) == json.loads(body)["value"]
     assert not deploy.alive(postgres)  # stopped with lite, by its PID

@@ -95,7 +95,7 @@ def _pick(figures: dict[str, Any], key: str) -> Any:
 def _show(value: Any, format_: str) -> str:
     """A figure as the page shows it; the page's script takes it from the page."""
     if value is None:
-        return "never"
+        return "never" if format_ == "time" else "unavailable"
     if format_ == "bytes":
         return f"{value / 1024:.1f} KiB"
     if format_ == "seconds":
@@ -364,17 +364,23 @@ class LitePlugin:
 
 
 def _stats(metrics: lite_metrics.Metrics, cur: sqlite3.Cursor) -> dict[str, Any]:
-    """The metrics' figures, summed over every process that served, and the database's."""
-    figures = metrics.totals(getattr(cur.connection, "path", None))  # None: not SQLite
+    """The metrics' figures, summed over every process that served, and the database's.
+
+    When the metrics cannot be summed, their figures are null and
+    "metrics_unavailable" says why; the database's are there all the same.
+    """
+    stats: dict[str, Any] = {"answered_by": os.getpid(), "generated_at": time.time()}
     database = lite_ops.database_figures(cur)
-    database["last_checkpoint_at"] = figures["last_checkpoint_at"]
-    return {
-        "answered_by": os.getpid(),
-        "generated_at": time.time(),
-        "process_count": figures["processes"],
-        "totals": figures["totals"],
-        "database": database,
-    }
+    try:
+        figures = metrics.totals(getattr(cur.connection, "path", None))  # None: not SQLite
+    except lite_metrics.MetricsUnavailable as exc:
+        stats.update(process_count=None, totals=None, metrics_unavailable=str(exc))
+        database["last_checkpoint_at"] = None
+    else:
+        stats.update(process_count=figures["processes"], totals=figures["totals"])
+        database["last_checkpoint_at"] = figures["last_checkpoint_at"]
+    stats["database"] = database
+    return stats
 
 
 def _count_request() -> None:
@@ -459,7 +465,7 @@ def make_app(
                 (label, key, _show(_pick(figures, key), format_))
                 for label, key, format_ in PAGE_FIGURES
             ],
-            process_count=figures["process_count"],
+            process_count=_show(figures["process_count"], ""),
             pid=os.getpid(),
         )
 
@@ -502,12 +508,23 @@ def make_app(
 
     @app.get("/metrics", skip=[plugin])
     def metrics() -> bytes:
-        """Prometheus text format; opens no database (the sizes are the files')."""
-        bottle.response.set_header("Content-Type", lite_metrics.CONTENT_TYPE)
+        """Prometheus text format; opens no database (the sizes are the files').
+
+        503 with the reason when the metrics cannot be summed (lite_metrics).
+        """
         bottle.response.set_header("Cache-Control", "no-store")
         config = bottle.request.app.config
         plugin = config["lite.plugin"]
-        return config["lite.metrics"].render(None if plugin.database_url else plugin.db_path)
+        try:
+            text = config["lite.metrics"].render(None if plugin.database_url else plugin.db_path)
+        except lite_metrics.MetricsUnavailable as exc:
+            raise _json(
+                503,
+                {"error": f"metrics unavailable: {exc}"},
+                **{"Retry-After": str(RETRY_AFTER_S), "Cache-Control": "no-store"},
+            ) from None
+        bottle.response.set_header("Content-Type", lite_metrics.CONTENT_TYPE)
+        return text
 
     @app.post("/lite/inc")
     def increment(db: sqlite3.Cursor) -> dict[str, Any]:

@@ -1,10 +1,22 @@
 """lite's Prometheus metrics, one set per process, summed over every process that served.
 
-With $PROMETHEUS_MULTIPROC_DIR set before prometheus_client is first imported,
-each process keeps its values in files of that directory (prometheus_client's
-multiprocess mode, made for prefork servers) and a scrape answers for all of
-them, those that have exited included: totals never fall when a daemon is
-killed or recycled. Without it, a scrape answers for this process alone.
+With $PROMETHEUS_MULTIPROC_DIR set when `process_metrics()` first runs, each
+process keeps its values in files of that directory (the file format of
+prometheus_client's multiprocess mode, made for prefork servers) and a scrape
+answers for all of them, those that have exited included: totals never fall
+when a daemon is killed or recycled. Without it, a scrape answers for this
+process alone.
+
+Metrics are never load-bearing. prometheus_client writes its values through
+memory-mapped files, and a page of a mapping that the file system cannot back
+(a full disk, a file truncated under the map) is a SIGBUS that kills the
+process on its next request. lite keeps each value in memory and writes it
+through with pwrite(2), which fails with an error instead: on a failure the
+process goes on counting in memory, logs the cause once, and every CHECK_S
+writes its files whole again (created anew if they were removed, truncated
+or replaced) until that succeeds. It installs its own value class through
+prometheus_client's hook for that, `prometheus_client.values.ValueClass`,
+so metrics the app makes after `process_metrics()` are kept the same way.
 
 Files of processes that have exited are folded into one archive file per
 kind (counter_archive.db, histogram_archive.db, ...) before each scrape and
@@ -12,33 +24,41 @@ when a process starts, so a scrape reads the live processes' files and the
 archives, however many processes came and went. A fold is journalled: a
 process killed in the middle of one leaves either the old archive and the
 dead files, or the new archive and a list of the files it already holds,
-which the next fold removes. Folds and scrapes hold an flock on
-lite-metrics.lock in the directory; the servers' own increments take none.
+which the next fold removes. A fold that cannot be written (a full disk) is
+undone and the dead files are summed as they are. Folds and scrapes hold an
+flock on lite-metrics.lock in the directory; the servers' own writes take none.
 
 Contract:
 - `process_metrics()`: this process's Metrics, made on first call and fed
-  from lite_db.listeners. Raises RuntimeError if the environment changed
-  after prometheus_client was imported (the mode would not match).
-- `Metrics.request(route, method, status, seconds)` counts one request.
+  from lite_db.listeners. Never raises for the directory's state.
+- `Metrics.request(route, method, status, seconds)` counts one request; it
+  and every other count never raise.
 - `Metrics.render(db_path)` is the text format; `Metrics.totals(db_path)` the
-  same figures as a dict, for /lite/stats and the page.
+  same figures as a dict, for /lite/stats and the page. Both raise
+  MetricsUnavailable, naming the reason, when the directory cannot be read
+  or holds a file that is not a metrics file.
 """
 
 import contextlib
+import errno
 import fcntl
+import functools
 import glob
+import json
+import logging
 import os
+import struct
 import threading
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import prometheus_client
+import prometheus_client.values
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily
-from prometheus_client.mmap_dict import MmapedDict
+from prometheus_client.mmap_dict import mmap_key
 from prometheus_client.multiprocess import MultiProcessCollector
-from prometheus_client.values import ValueClass
 
 import lite_db
 
@@ -66,6 +86,20 @@ TOTALS = {
 METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")  # others: "other"
 LOCK_FILE = "lite-metrics.lock"
 ARCHIVE = "archive"  # the process part of an archive file's name
+CHECK_S = 1.0  # 1 s: how often a process checks its files, and retries writing them
+MAX_FILE_BYTES = 16 * 1024 * 1024  # 16 MiB: a larger file is not one of lite's metrics files
+# prometheus_client's file format: the bytes used (int32, then 4 of padding),
+# then entries: key length (int32), UTF-8 key padded to 8 bytes, value and
+# timestamp (two doubles).
+HEADER_BYTES = 8
+_INT = struct.Struct("i")
+_TWO_DOUBLES = struct.Struct("dd")
+
+log = logging.getLogger(__name__)
+
+
+class MetricsUnavailable(Exception):
+    """The metrics cannot be summed now; the message says why and what to do."""
 
 
 # How a dead process's values join the archive, by file kind; pairs are
@@ -86,6 +120,312 @@ _FOLD: dict[str, Callable[[tuple[float, float], tuple[float, float]], tuple[floa
 }
 
 
+# ---- The files: prometheus_client's format, read strictly, written with pwrite ----
+
+
+def _entry(key: str, value: float, timestamp: float) -> bytes:
+    encoded = key.encode("utf-8")
+    padding = b" " * (8 - (len(encoded) + 4) % 8)
+    return _INT.pack(len(encoded)) + encoded + padding + _TWO_DOUBLES.pack(value, timestamp)
+
+
+def _image(slots: dict[str, list[float]]) -> tuple[bytes, dict[str, int]]:
+    """A whole file holding `slots`, and each key's value offset in it."""
+    parts = [b""]
+    positions = {}
+    used = HEADER_BYTES
+    for key, (value, timestamp) in slots.items():
+        entry = _entry(key, value, timestamp)
+        parts.append(entry)
+        used += len(entry)
+        positions[key] = used - _TWO_DOUBLES.size
+    parts[0] = _INT.pack(used) + bytes(HEADER_BYTES - _INT.size)
+    return b"".join(parts), positions
+
+
+def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
+    """Write all of `data` at `offset`; raises OSError, ENOSPC for a short write."""
+    if os.pwrite(fd, data, offset) != len(data):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+def read_file(path: str) -> list[tuple[str, float, float]]:
+    """The (key, value, timestamp) entries of a metrics file.
+
+    Raises OSError when it cannot be read and ValueError, naming it, when it
+    is not a metrics file (truncated, overwritten, too large): checked before
+    prometheus_client's reader sees it, which trusts the lengths it finds.
+    """
+    with open(path, "rb") as f:
+        data = f.read(MAX_FILE_BYTES + 1)
+    try:
+        return _entries(data)
+    except (ValueError, struct.error) as exc:
+        raise ValueError(f"{path} is not a metrics file ({exc})") from None
+
+
+def _entries(data: bytes) -> list[tuple[str, float, float]]:
+    if len(data) > MAX_FILE_BYTES:
+        raise ValueError(f"larger than {MAX_FILE_BYTES} bytes")
+    used = _INT.unpack_from(data)[0] if len(data) >= HEADER_BYTES else 0
+    if used == 0 and not data.strip(b"\0"):
+        return []  # created, nothing written yet
+    if not HEADER_BYTES <= used <= len(data):
+        raise ValueError(f"says {used} bytes used of {len(data)}")
+    entries = []
+    pos = HEADER_BYTES
+    while pos < used:
+        length = _INT.unpack_from(data, pos)[0] if pos + _INT.size <= used else -1
+        value_at = pos + _INT.size + length + 8 - (length + 4) % 8
+        if length < 0 or value_at + _TWO_DOUBLES.size > used:
+            raise ValueError(f"its entry at byte {pos} runs past the end")
+        key = data[pos + _INT.size : pos + _INT.size + length].decode("utf-8")
+        if not _is_key(key):
+            raise ValueError(f"its entry at byte {pos} has no metric's key")
+        entries.append((key, *_TWO_DOUBLES.unpack_from(data, value_at)))
+        pos = value_at + _TWO_DOUBLES.size
+    return entries
+
+
+@functools.lru_cache(maxsize=4096)  # the same few keys are in every process's file
+def _is_key(key: str) -> bool:
+    """Whether `key` is mmap_key's: [metric, sample, {label: value}, help], all text."""
+    try:
+        parts = json.loads(key)
+    except ValueError:
+        return False
+    return (
+        isinstance(parts, list)
+        and len(parts) == 4
+        and all(isinstance(part, str) for part in (parts[0], parts[1], parts[3]))
+        and isinstance(parts[2], dict)
+        and all(isinstance(value, str) for value in parts[2].values())
+    )
+
+
+def _write_file(path: str, slots: dict[str, list[float]]) -> None:
+    """A new file at `path` holding `slots`; raises OSError (nothing left behind)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+    try:
+        _pwrite_all(fd, _image(slots)[0], 0)
+    except OSError:
+        os.close(fd)
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+        raise
+    os.close(fd)
+
+
+# ---- This process's values: in memory, written through to its files ----
+
+
+class _File:
+    """One file of this process's values (one per kind: counter_PID.db, ...).
+
+    `slots` holds every value as [value, timestamp]: the truth. The file is
+    a copy, written through while `ok`; a failed write clears `ok` and the
+    store writes the file whole again later.
+    """
+
+    def __init__(self, store: "_Store", path: str) -> None:
+        self.store = store
+        self.path = path
+        self.slots: dict[str, list[float]] = {}
+        self.positions: dict[str, int] = {}
+        self.used = 0
+        self.fd: int | None = None
+        self.ok = False
+        try:
+            # A PID in use again continues its predecessor's file, as prometheus_client does.
+            self.slots = {key: [value, ts] for key, value, ts in read_file(path)}
+        except FileNotFoundError:
+            pass
+        except (OSError, ValueError) as exc:
+            store.failed(f"cannot read {path} ({exc}); it is written anew")
+        self.rewrite()
+
+    def slot(self, key: str) -> list[float]:
+        """The value of `key`, added to the file if new."""
+        slot = self.slots.get(key)
+        if slot is None:
+            slot = self.slots[key] = [0.0, 0.0]
+            if self.ok:
+                entry = _entry(key, 0.0, 0.0)
+                try:
+                    _pwrite_all(self.fd, entry, self.used)
+                    _pwrite_all(self.fd, _INT.pack(self.used + len(entry)), 0)
+                except OSError as exc:
+                    self.broke(exc)
+                else:
+                    self.used += len(entry)
+                    self.positions[key] = self.used - _TWO_DOUBLES.size
+        return slot
+
+    def write(self, key: str, slot: list[float]) -> None:
+        if self.ok:
+            try:
+                _pwrite_all(self.fd, _TWO_DOUBLES.pack(*slot), self.positions[key])
+            except OSError as exc:
+                self.broke(exc)
+
+    def broke(self, exc: OSError) -> None:
+        self.ok = False
+        self.store.failed(f"cannot write {os.path.dirname(self.path)}: {exc.strerror or exc}")
+
+    def moved(self) -> bool:
+        """Whether the path names another file (or none), or the file's bytes are not ours."""
+        if self.fd is None:
+            return True
+        held = os.fstat(self.fd)
+        try:
+            named = os.stat(self.path)
+        except FileNotFoundError:
+            return True
+        if (held.st_dev, held.st_ino) != (named.st_dev, named.st_ino):
+            return True
+        # Truncated, overwritten or extended by another writer: a few KiB, once per CHECK_S.
+        return os.pread(self.fd, self.used + 1, 0) != _image(self.slots)[0]
+
+    def rewrite(self) -> None:
+        """Write the whole file again, at its path (made anew if moved); never raises."""
+        try:
+            if self.moved():
+                self.close()
+                self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            image, positions = _image(self.slots)
+            _pwrite_all(self.fd, image, 0)
+            os.ftruncate(self.fd, len(image))
+        except OSError as exc:
+            self.broke(exc)
+        else:
+            self.ok, self.used, self.positions = True, len(image), positions
+
+    def close(self) -> None:
+        if self.fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(self.fd)
+            self.fd = None
+        self.ok = False
+
+
+class _Store:
+    """This process's files in `directory`, and the values kept in them.
+
+    prometheus_client's metrics hold one `value_class` instance per series;
+    every update goes through `lock`. A fork starts the child on files of
+    its own, as prometheus_client does.
+    """
+
+    def __init__(self, directory: str) -> None:
+        self.directory = directory
+        self.lock = threading.Lock()
+        self.pid = os.getpid()
+        self.files: dict[str, _File] = {}
+        self.values: list[Any] = []
+        self.troubles: set[str] = set()  # why the files are not all written; each logged once
+        self.check_at = 0.0  # time.monotonic() of the next check
+        self.value_class = type("LiteFileValue", (_FileValue,), {"store": self})
+
+    def bind(self, value: "_FileValue") -> None:
+        """Point `value` at its slot in this process's file of its kind."""
+        file = self.files.get(value.prefix)
+        if file is None:
+            path = os.path.join(self.directory, f"{value.prefix}_{self.pid}.db")
+            file = self.files[value.prefix] = _File(self, path)
+        value.file, value.slot = file, file.slot(value.key)
+
+    def forked(self) -> None:
+        """In a child: files of its own, every value starting from them."""
+        for file in self.files.values():
+            file.close()
+        self.files.clear()
+        self.pid = os.getpid()
+        for value in self.values:
+            self.bind(value)
+
+    def failed(self, cause: str) -> None:
+        if cause not in self.troubles:
+            log.warning("metrics: %s; counted in memory, written again within %g s", cause, CHECK_S)
+            self.troubles.add(cause)
+
+    def check(self) -> None:
+        """Write again each file that failed or was removed, cut short or replaced."""
+        self.check_at = time.monotonic() + CHECK_S
+        for file in self.files.values():
+            try:
+                moved = file.moved()
+            except OSError as exc:
+                file.broke(exc)
+                moved = True
+            if moved and file.ok:
+                self.failed(f"{file.path} was removed, cut short or replaced")
+            if moved or not file.ok:
+                file.rewrite()
+        if self.troubles and all(file.ok for file in self.files.values()):
+            log.info("metrics: the files in %s are written again", self.directory)
+            self.troubles.clear()
+
+
+class _FileValue:
+    """prometheus_client's value interface (MutexValue's), kept by a _Store."""
+
+    _multiprocess = True
+    store: _Store  # set on the subclass each _Store makes
+
+    def __init__(
+        self,
+        typ: str,
+        metric_name: str,
+        name: str,
+        labelnames: Any,
+        labelvalues: Any,
+        help_text: str,
+        multiprocess_mode: str = "",
+        **_: Any,
+    ) -> None:
+        self.prefix = f"{typ}_{multiprocess_mode}" if typ == "gauge" else typ
+        self.key = mmap_key(metric_name, name, labelnames, labelvalues, help_text)
+        self.file: _File
+        self.slot: list[float]
+        store = self.store
+        with store.lock:
+            if store.pid != os.getpid():
+                store.forked()
+            store.bind(self)
+            store.values.append(self)
+
+    def _update(self, value: float, timestamp: float, add: bool) -> None:
+        store = self.store
+        with store.lock:
+            if store.pid != os.getpid():
+                store.forked()
+            slot = self.slot
+            slot[0] = slot[0] + value if add else value
+            slot[1] = timestamp
+            self.file.write(self.key, slot)
+            if time.monotonic() >= store.check_at:
+                store.check()
+
+    def inc(self, amount: float) -> None:
+        self._update(amount, 0.0, add=True)
+
+    def set(self, value: float, timestamp: float | None = None) -> None:
+        self._update(value, timestamp or 0.0, add=False)
+
+    def get(self) -> float:
+        with self.store.lock:
+            return self.slot[0]
+
+    def set_exemplar(self, exemplar: Any) -> None:
+        """Exemplars are not kept across processes (nor by prometheus_client)."""
+
+    def get_exemplar(self) -> None:
+        return None
+
+
+# ---- Folding the files of processes that have exited ----
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -98,7 +438,8 @@ def _alive(pid: int) -> bool:
 
 @contextlib.contextmanager
 def _locked(directory: str) -> Iterator[None]:
-    fd = os.open(os.path.join(directory, LOCK_FILE), os.O_RDWR | os.O_CREAT, 0o600)
+    """The directory's flock; raises OSError if the lock file cannot be opened."""
+    fd = os.open(os.path.join(directory, LOCK_FILE), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         yield
@@ -122,24 +463,46 @@ def _finish_interrupted_folds(directory: str) -> None:
         os.unlink(stray)
 
 
+class _FoldNotWritten(Exception):
+    """A fold failed before its commit: the archive and the dead files are as they were."""
+
+
 def _fold(archive: str, dead: list[str], combine: Callable[..., tuple[float, float]]) -> None:
-    """Add the `dead` files' values into `archive`, then remove them (lock held)."""
-    folded: dict[str, tuple[float, float]] = {}
+    """Add the `dead` files' values into `archive`, then remove them (lock held).
+
+    Raises _FoldNotWritten if the new archive or its journal cannot be
+    written (nothing changed), ValueError for a file that is not a metrics
+    file, OSError past the commit (the next fold finishes it).
+    """
+    folded: dict[str, list[float]] = {}
     for name in ([archive] if os.path.exists(archive) else []) + dead:
-        for key, value, timestamp, _ in MmapedDict.read_all_values_from_file(name):
+        for key, value, timestamp in read_file(name):
             seen = folded.get(key)
-            folded[key] = (value, timestamp) if seen is None else combine(seen, (value, timestamp))
-    written = MmapedDict(archive + ".next")
-    for key, (value, timestamp) in folded.items():
-        written.write_value(key, value, timestamp)
-    written.close()
-    with open(archive + ".folding.tmp", "w", encoding="utf-8") as journal:
-        journal.write("\n".join(os.path.basename(name) for name in dead))
-    os.replace(archive + ".folding.tmp", archive + ".folding")
+            folded[key] = list(
+                (value, timestamp) if seen is None else combine(tuple(seen), (value, timestamp))
+            )
+    try:
+        _write_file(archive + ".next", folded)
+        with open(archive + ".folding.tmp", "w", encoding="utf-8") as journal:
+            journal.write("\n".join(os.path.basename(name) for name in dead))
+        os.replace(archive + ".folding.tmp", archive + ".folding")
+    except OSError as exc:
+        for name in (archive + ".next", archive + ".folding.tmp", archive + ".folding"):
+            with contextlib.suppress(OSError):
+                os.unlink(name)
+        raise _FoldNotWritten(f"cannot fold into {archive}: {exc.strerror or exc}") from exc
     os.replace(archive + ".next", archive)  # the commit
     for name in dead:
         os.unlink(name)
     os.unlink(archive + ".folding")
+
+
+def _process_files(directory: str) -> Iterator[tuple[str, str, int]]:
+    """(path, kind, pid) of each process's file in `directory`, archives left out."""
+    for name in glob.glob(os.path.join(directory, "*.db")):
+        kind, _, process = os.path.basename(name)[: -len(".db")].rpartition("_")
+        if process != ARCHIVE and process.isdigit() and kind in _FOLD:
+            yield name, kind, int(process)
 
 
 def fold_dead_processes(directory: str) -> set[int]:
@@ -147,16 +510,15 @@ def fold_dead_processes(directory: str) -> set[int]:
 
     The caller holds the directory's lock. A PID in use again by a new
     process is alive: that process continues its predecessor's files.
+    Raises _FoldNotWritten (the dead files still count as they are),
+    ValueError or OSError.
     """
     _finish_interrupted_folds(directory)
     dead: dict[str, list[str]] = {}
     alive: set[int] = set()
-    for name in glob.glob(os.path.join(directory, "*.db")):
-        kind, _, process = os.path.basename(name)[: -len(".db")].rpartition("_")
-        if process == ARCHIVE or not process.isdigit() or kind not in _FOLD:
-            continue
-        if _alive(int(process)):
-            alive.add(int(process))
+    for name, kind, pid in _process_files(directory):
+        if _alive(pid):
+            alive.add(pid)
         else:
             dead.setdefault(kind, []).append(name)
     for kind, names in dead.items():
@@ -169,16 +531,47 @@ def fold_dead_processes(directory: str) -> set[int]:
 
 
 class _FoldingCollector:
-    """prometheus_client's MultiProcessCollector after a fold, and the live processes' count."""
+    """prometheus_client's merge of the files after a fold, and the live processes' count."""
 
-    def __init__(self, directory: str) -> None:
+    def __init__(self, directory: str, on_trouble: Callable[[str], None]) -> None:
         self.directory = directory
-        self.files = MultiProcessCollector(None, directory)
+        self.on_trouble = on_trouble
+        self.folded = True  # whether the last collect could fold
 
     def collect(self) -> list[Any]:
-        with _locked(self.directory):
-            alive = fold_dead_processes(self.directory)
-            return [*self.files.collect(), _process_count(len(alive))]
+        """Raises MetricsUnavailable, naming the reason."""
+        directory = self.directory
+        try:
+            with _locked(directory):
+                self.folded = False
+                try:
+                    alive = fold_dead_processes(directory)
+                except _FoldNotWritten as exc:  # e.g. a full disk: sum the dead files as they are
+                    self.on_trouble(str(exc))
+                    alive = {pid for _, _, pid in _process_files(directory) if _alive(pid)}
+                else:
+                    self.folded = True
+                files = []
+                for name in glob.glob(os.path.join(directory, "*.db")):
+                    try:
+                        if read_file(name):  # not an empty one, made before a full disk
+                            files.append(name)
+                    except FileNotFoundError:  # a live gauge's, gone since the glob
+                        continue
+                families = list(MultiProcessCollector.merge(files))
+        except ValueError as exc:
+            raise MetricsUnavailable(
+                f"{exc}: remove it (a live process writes its file again within {CHECK_S:g} s)"
+            ) from None
+        except OSError as exc:
+            raise MetricsUnavailable(
+                f"metrics directory {directory}: {exc.strerror or exc}"
+            ) from None
+        except (TypeError, RuntimeError, struct.error) as exc:
+            raise MetricsUnavailable(
+                f"metrics files in {directory} changed while read: {exc}"
+            ) from None
+        return [*families, _process_count(len(alive))]
 
 
 def _process_count(count: int) -> GaugeMetricFamily:
@@ -187,22 +580,36 @@ def _process_count(count: int) -> GaugeMetricFamily:
     )
 
 
+# ---- The metrics ----
+
+
 class Metrics:
-    """One process's metrics; `directory`: the multiprocess directory, or None."""
+    """One process's metrics; `directory`: the multiprocess directory, or None.
+
+    With a directory, prometheus_client's value class becomes this
+    process's _Store (see the module's docstring); without, its in-process
+    one. Making it never raises for the directory's state: what cannot be
+    done is logged and counted in memory.
+    """
 
     def __init__(self, directory: str | None) -> None:
         self.directory = directory
         self.registry = CollectorRegistry(auto_describe=False)
+        self.troubles: set[str] = set()  # why scrapes could not fold or sum; each logged once
         own = None if directory else self.registry  # multiprocess: read from the files
         if directory:
-            self.registry.register(_FoldingCollector(directory))
+            self.store: _Store | None = _Store(directory)
+            prometheus_client.values.ValueClass = self.store.value_class
+            self.collector = _FoldingCollector(directory, self._report)
+            self.registry.register(self.collector)
             os.register_at_fork(after_in_child=self._after_fork)
         else:
+            self.store = None
+            self.collector = None
+            prometheus_client.values.ValueClass = prometheus_client.values.MutexValue
             self.registry.register(_Collected([_process_count(1)]))
         labels = ("route", "method", "status")
-        with _locked(directory) if directory else contextlib.nullcontext():
-            if directory:
-                fold_dead_processes(directory)
+        with self._folded_and_locked():
             # Made under the lock: a fold never removes a file a new process just opened.
             self.requests = Counter(
                 "lite_http_requests", "Requests answered by lite.", labels, registry=own
@@ -247,10 +654,33 @@ class Metrics:
         # labels() validates its values on every call, a dict lookup does not.
         self.by_request: dict[tuple[str, str, int], tuple[Any, Any]] = {}
 
+    @contextlib.contextmanager
+    def _folded_and_locked(self) -> Iterator[None]:
+        """The directory's lock, the dead processes' files folded; neither if it cannot be."""
+        with contextlib.ExitStack() as stack:
+            if self.directory is not None:
+                try:
+                    stack.enter_context(_locked(self.directory))
+                except OSError as exc:
+                    self._report(f"cannot lock {self.directory}: {exc.strerror or exc}")
+                else:
+                    try:
+                        fold_dead_processes(self.directory)
+                    except (_FoldNotWritten, ValueError, OSError) as exc:
+                        self._report(str(exc))
+            yield
+
+    def _report(self, cause: str) -> None:
+        if cause not in self.troubles:
+            log.warning("metrics: %s", cause)
+            self.troubles.add(cause)
+
     def _after_fork(self) -> None:
+        # The parent's lock may have been held by another thread at the fork.
+        self.store.lock = threading.Lock()
         # prometheus_client opens a child's own files at its first update;
-        # done here under the lock, for the reason given in __init__.
-        with _locked(self.directory):
+        # done here under the directory's lock, for the reason given in __init__.
+        with self._folded_and_locked():
             self.on_db_event["writes"](0)
 
     def on_event(self, event: str, amount: float) -> None:
@@ -282,17 +712,38 @@ class Metrics:
             except OSError:
                 gauge.set(0)
 
+    def _collect(self) -> list[Any]:
+        if self.store is not None:  # this process's own files first, if they need writing
+            with self.store.lock:
+                self.store.check()
+        try:
+            families = list(self.registry.collect())
+        except MetricsUnavailable as exc:
+            self._report(str(exc))
+            raise
+        if self.troubles and self.collector.folded:
+            log.info("metrics: the files in %s are folded and summed again", self.directory)
+            self.troubles.clear()
+        return families
+
     def render(self, db_path: str | None) -> bytes:
-        """Every metric in Prometheus text format, the sizes of `db_path` measured now."""
+        """Every metric in Prometheus text format, the sizes of `db_path` measured now.
+
+        Raises MetricsUnavailable, naming the reason.
+        """
         self._measure(db_path)
-        return prometheus_client.generate_latest(self.registry)
+        families = self._collect()
+        return prometheus_client.generate_latest(_Collected(families))
 
     def totals(self, db_path: str | None) -> dict[str, Any]:
-        """The figures /lite/stats shows: sums over every process, and the gauges."""
+        """The figures /lite/stats shows: sums over every process, and the gauges.
+
+        Raises MetricsUnavailable, naming the reason.
+        """
         totals: dict[str, Any] = dict.fromkeys(TOTALS.values(), 0)
         gauges: dict[str, Any] = {}
         self._measure(db_path)
-        for family in self.registry.collect():
+        for family in self._collect():
             for sample in family.samples:
                 if sample.name in TOTALS:
                     totals[TOTALS[sample.name]] += sample.value
@@ -312,7 +763,7 @@ class Metrics:
 
 
 class _Collected:
-    """A collector that yields what was collected already."""
+    """A collector (and registry, for generate_latest) of what was collected already."""
 
     def __init__(self, families: list[Any]) -> None:
         self.families = families
@@ -326,22 +777,20 @@ _making = threading.Lock()
 
 
 def process_metrics() -> Metrics:
-    """This process's Metrics (one per process: prometheus_client's values are).
+    """This process's Metrics (one per process: prometheus_client's value class is).
 
-    Raises RuntimeError when $PROMETHEUS_MULTIPROC_DIR was set or unset after
-    prometheus_client was imported: its values would not go where they are read.
+    Multiprocess when $PROMETHEUS_MULTIPROC_DIR is set now, whenever
+    prometheus_client was imported. Never raises for the directory's state.
     """
     global _made
     with _making:
         if _made is None:
             directory = os.environ.get("PROMETHEUS_MULTIPROC_DIR") or None
-            if bool(directory) != getattr(ValueClass, "_multiprocess", False):
-                raise RuntimeError(
-                    "PROMETHEUS_MULTIPROC_DIR must be set (or unset) before prometheus_client"
-                    " is first imported"
-                )
             if directory:
-                os.makedirs(directory, mode=0o700, exist_ok=True)
+                try:
+                    os.makedirs(directory, mode=0o700, exist_ok=True)
+                except OSError as exc:
+                    log.warning("metrics: cannot make %s: %s", directory, exc.strerror or exc)
             _made = Metrics(directory)
             lite_db.listeners.append(_made.on_event)
         return _made

@@ -193,7 +193,7 @@ def test_a_fold_interrupted_counts_every_dead_process_once(
     assert not [n for n in os.listdir(DIRECTORY) if n.endswith((".next", ".folding"))]
 
 
-def test_without_the_directory_a_process_counts_for_itself(db_path, config_path):
+def test_without_the_directory_a_process_counts_for_itself(db_path, config_path, tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"}
     code = (
         "import sys, webtest, lite_app\n"
@@ -210,16 +210,16 @@ def test_without_the_directory_a_process_counts_for_itself(db_path, config_path)
     ).stdout
     assert 'lite_http_requests_total{method="POST",route="/lite/inc",status="200"} 1.0' in out
     assert "lite_processes 1.0" in out
-    late = (
-        "import os, prometheus_client, lite_metrics\n"
+    # The directory is read when process_metrics() runs, whenever prometheus_client was imported.
+    late = tmp_path / "late"
+    code = (
+        "import os, sys, prometheus_client, lite_metrics\n"
         "os.environ['PROMETHEUS_MULTIPROC_DIR'] = sys.argv[1]\n"
-        "lite_metrics.process_metrics()\n"
+        "lite_metrics.process_metrics().request('/lite/get', 'GET', 200, 0.001)\n"
+        "print(os.getpid())\n"
     )
-    failed = subprocess.run(
-        [sys.executable, "-c", "import sys\n" + late, DIRECTORY],
-        env=env,
-        capture_output=True,
-        text=True,
-    )
-    assert failed.returncode == 1
-    assert "must be set (or unset) before prometheus_client" in failed.stderr
+    pid = subprocess.run(
+        [sys.executable, "-c", code, str(late)], env=env, capture_output=True, text=True, check=True
+    ).stdout.strip()
+    entries = lite_metrics.read_file(str(late / f"counter_{pid}.db"))
+    assert [value for key, value, _ in entries if "/lite/get" in key] == [1.0]

@@ -83,10 +83,16 @@ def test_no_file_of_the_deployment_is_reachable(deployment, path):
     assert "import" not in body
 
 
-def _raw(dep, request):
-    """Apache's answer to raw request bytes: (status line, headers and body text)."""
+def _raw(dep, request, half_close=False):
+    """Apache's answer to raw request bytes: (status line, headers and body text).
+
+    half_close: shut the sending side after the request, as a client that
+    has sent all it will (it can still read the answer).
+    """
     with socket.create_connection(("127.0.0.1", dep.port), timeout=30) as conn:
         conn.sendall(request)
+        if half_close:
+            conn.shutdown(socket.SHUT_WR)
         answer = b""
         while chunk := conn.recv(65536):
             answer += chunk
@@ -94,7 +100,7 @@ def _raw(dep, request):
     return head.split("\r\n")[0], head.lower(), body
 
 
-def test_apaches_own_refusals_are_json_but_414(deployment):
+def test_apaches_own_refusals_are_json(deployment):
     line, head, body = _raw(deployment, b"GARBAGE\r\n\r\n")
     assert " 400 " in line and "content-type: application/json" in head
     assert json.loads(body) == {"error": "bad request"}
@@ -104,8 +110,36 @@ def test_apaches_own_refusals_are_json_but_414(deployment):
         b"Content-Length: 5\r\n\r\n",
     )
     assert " 411 " in line and json.loads(body) == {"error": "Content-Length required"}
-    line, head, _ = _raw(deployment, b"GET /lite/get?" + b"a" * 9000 + b" HTTP/1.0\r\n\r\n")
-    assert " 414 " in line and "text/html" in head
+    line, head, body = _raw(deployment, b"GET /lite/get?" + b"a" * 9000 + b" HTTP/1.0\r\n\r\n")
+    assert " 414 " in line and "content-type: application/json" in head
+    assert json.loads(body) == {"error": "URI over 8190 bytes"}
+
+
+def test_a_body_cut_short_by_the_client_applies_nothing(deployment):
+    """Content-Length 1000, 19 bytes sent, then the client half-closes.
+
+    mod_wsgi 4.9.4's Apache side answers this itself, with a 500, before it
+    reads the daemon's answer (its daemon-mode relay maps every body read
+    error but a timeout to 500), so lite's 400 cannot reach the client:
+    lite.conf makes it JSON. Nothing is applied; the daemons go on serving.
+    """
+    before = deployment.value()
+    daemons = set(deployment.daemons())
+    log_from = deployment.log_size()
+    for _ in range(3):
+        line, head, body = _raw(
+            deployment,
+            b"POST /lite/inc HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+            b"Content-Type: application/x-www-form-urlencoded\r\nContent-Length: 1000\r\n\r\n"
+            b"counter=hits&by=1&x",
+            half_close=True,
+        )
+        assert " 500 " in line and "content-type: application/json" in head, line
+        assert "body was cut short" in json.loads(body)["error"]
+    assert deployment.request("/lite/inc", data=b"counter=hits")[0] == 200
+    assert deployment.value() == before + 1
+    assert set(deployment.daemons()) == daemons
+    assert "Traceback" not in deployment.log_since(log_from)
 
 
 def test_an_oversized_body_is_refused_and_changes_nothing(deployment):

@@ -26,7 +26,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 import lite_metrics
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.root, pytest.mark.slow]
 
 WORKERS = 2
 ROUTES = (

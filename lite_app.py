@@ -110,10 +110,9 @@ def _json(status: int, body: dict[str, Any], **headers: Any) -> bottle.HTTPRespo
     return bottle.HTTPResponse(json.dumps(body), status=status, **headers)
 
 
-def _unavailable() -> bottle.HTTPResponse:
-    return _json(
-        503, {"error": "database busy, retry later"}, **{"Retry-After": str(RETRY_AFTER_S)}
-    )
+def _unavailable(error: str = "database busy, retry later", **headers: Any) -> bottle.HTTPResponse:
+    """503 with Retry-After: what cannot be reached in time, said as JSON."""
+    return _json(503, {"error": error}, **{"Retry-After": str(RETRY_AFTER_S)}, **headers)
 
 
 def _outcome_unknown() -> bottle.HTTPResponse:
@@ -518,10 +517,8 @@ def make_app(
         try:
             text = config["lite.metrics"].render(None if plugin.database_url else plugin.db_path)
         except lite_metrics.MetricsUnavailable as exc:
-            raise _json(
-                503,
-                {"error": f"metrics unavailable: {exc}"},
-                **{"Retry-After": str(RETRY_AFTER_S), "Cache-Control": "no-store"},
+            raise _unavailable(
+                f"metrics unavailable: {exc}", **{"Cache-Control": "no-store"}
             ) from None
         bottle.response.set_header("Content-Type", lite_metrics.CONTENT_TYPE)
         return text

@@ -120,6 +120,24 @@ _FOLD: dict[str, Callable[[tuple[float, float], tuple[float, float]], tuple[floa
 }
 
 
+class _Troubles:
+    """Causes of trouble, each logged once until all is well again."""
+
+    def __init__(self, consequence: str = "") -> None:
+        self.causes: set[str] = set()
+        self.consequence = consequence  # added to each warning
+
+    def report(self, cause: str) -> None:
+        if cause not in self.causes:
+            log.warning("metrics: %s%s", cause, self.consequence)
+            self.causes.add(cause)
+
+    def resolved(self, news: str) -> None:
+        if self.causes:
+            log.info("metrics: %s", news)
+            self.causes.clear()
+
+
 # ---- The files: prometheus_client's format, read strictly, written with pwrite ----
 
 
@@ -241,7 +259,7 @@ class _File:
         except FileNotFoundError:
             pass
         except (OSError, ValueError) as exc:
-            store.failed(f"cannot read {path} ({exc}); it is written anew")
+            store.troubles.report(f"cannot read {path} ({exc}); it is written anew")
         self.rewrite()
 
     def slot(self, key: str) -> list[float]:
@@ -270,10 +288,12 @@ class _File:
 
     def broke(self, exc: OSError) -> None:
         self.ok = False
-        self.store.failed(f"cannot write {os.path.dirname(self.path)}: {exc.strerror or exc}")
+        self.store.troubles.report(
+            f"cannot write {os.path.dirname(self.path)}: {exc.strerror or exc}"
+        )
 
-    def moved(self) -> bool:
-        """Whether the path names another file (or none), or the file's bytes are not ours."""
+    def renamed(self) -> bool:
+        """Whether the path names another file, or none (removed, directory replaced)."""
         if self.fd is None:
             return True
         held = os.fstat(self.fd)
@@ -281,15 +301,17 @@ class _File:
             named = os.stat(self.path)
         except FileNotFoundError:
             return True
-        if (held.st_dev, held.st_ino) != (named.st_dev, named.st_ino):
-            return True
+        return (held.st_dev, held.st_ino) != (named.st_dev, named.st_ino)
+
+    def moved(self) -> bool:
+        """Whether the file is not at its path, or its bytes are not what was written."""
         # Truncated, overwritten or extended by another writer: a few KiB, once per CHECK_S.
-        return os.pread(self.fd, self.used + 1, 0) != _image(self.slots)[0]
+        return self.renamed() or os.pread(self.fd, self.used + 1, 0) != _image(self.slots)[0]
 
     def rewrite(self) -> None:
-        """Write the whole file again, at its path (made anew if moved); never raises."""
+        """Write the whole file again, at its path (made anew if renamed); never raises."""
         try:
-            if self.moved():
+            if self.renamed():
                 self.close()
                 self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
             image, positions = _image(self.slots)
@@ -322,7 +344,7 @@ class _Store:
         self.pid = os.getpid()
         self.files: dict[str, _File] = {}
         self.values: list[Any] = []
-        self.troubles: set[str] = set()  # why the files are not all written; each logged once
+        self.troubles = _Troubles(f"; counted in memory, written again within {CHECK_S:g} s")
         self.check_at = 0.0  # time.monotonic() of the next check
         self.value_class = type("LiteFileValue", (_FileValue,), {"store": self})
 
@@ -343,11 +365,6 @@ class _Store:
         for value in self.values:
             self.bind(value)
 
-    def failed(self, cause: str) -> None:
-        if cause not in self.troubles:
-            log.warning("metrics: %s; counted in memory, written again within %g s", cause, CHECK_S)
-            self.troubles.add(cause)
-
     def check(self) -> None:
         """Write again each file that failed or was removed, cut short or replaced."""
         self.check_at = time.monotonic() + CHECK_S
@@ -358,12 +375,11 @@ class _Store:
                 file.broke(exc)
                 moved = True
             if moved and file.ok:
-                self.failed(f"{file.path} was removed, cut short or replaced")
+                self.troubles.report(f"{file.path} was removed, cut short or replaced")
             if moved or not file.ok:
                 file.rewrite()
-        if self.troubles and all(file.ok for file in self.files.values()):
-            log.info("metrics: the files in %s are written again", self.directory)
-            self.troubles.clear()
+        if all(file.ok for file in self.files.values()):
+            self.troubles.resolved(f"the files in {self.directory} are written again")
 
 
 class _FileValue:
@@ -595,12 +611,12 @@ class Metrics:
     def __init__(self, directory: str | None) -> None:
         self.directory = directory
         self.registry = CollectorRegistry(auto_describe=False)
-        self.troubles: set[str] = set()  # why scrapes could not fold or sum; each logged once
+        self.troubles = _Troubles()  # why scrapes could not fold or sum
         own = None if directory else self.registry  # multiprocess: read from the files
         if directory:
             self.store: _Store | None = _Store(directory)
             prometheus_client.values.ValueClass = self.store.value_class
-            self.collector = _FoldingCollector(directory, self._report)
+            self.collector = _FoldingCollector(directory, self.troubles.report)
             self.registry.register(self.collector)
             os.register_at_fork(after_in_child=self._after_fork)
         else:
@@ -662,18 +678,13 @@ class Metrics:
                 try:
                     stack.enter_context(_locked(self.directory))
                 except OSError as exc:
-                    self._report(f"cannot lock {self.directory}: {exc.strerror or exc}")
+                    self.troubles.report(f"cannot lock {self.directory}: {exc.strerror or exc}")
                 else:
                     try:
                         fold_dead_processes(self.directory)
                     except (_FoldNotWritten, ValueError, OSError) as exc:
-                        self._report(str(exc))
+                        self.troubles.report(str(exc))
             yield
-
-    def _report(self, cause: str) -> None:
-        if cause not in self.troubles:
-            log.warning("metrics: %s", cause)
-            self.troubles.add(cause)
 
     def _after_fork(self) -> None:
         # The parent's lock may have been held by another thread at the fork.
@@ -719,11 +730,10 @@ class Metrics:
         try:
             families = list(self.registry.collect())
         except MetricsUnavailable as exc:
-            self._report(str(exc))
+            self.troubles.report(str(exc))
             raise
-        if self.troubles and self.collector.folded:
-            log.info("metrics: the files in %s are folded and summed again", self.directory)
-            self.troubles.clear()
+        if self.collector is None or self.collector.folded:
+            self.troubles.resolved(f"the files in {self.directory} are folded and summed again")
         return families
 
     def render(self, db_path: str | None) -> bytes:

@@ -16,6 +16,8 @@ import time
 import urllib.error
 import urllib.request
 
+import history
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DAEMONS = 20
 # What serve.sh installs as the app, beside config.ini.
@@ -59,6 +61,17 @@ def alive(pid):
             return f.read().rsplit(")", 1)[1].split()[0] != "Z"
     except (FileNotFoundError, ProcessLookupError):
         return False
+
+
+def open_count(pid, path):
+    """How many of process `pid`'s descriptors name `path`."""
+    count = 0
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            count += os.readlink(f"/proc/{pid}/fd/{fd}") == path
+        except OSError:
+            continue  # closed meanwhile
+    return count
 
 
 def read_only_query(path, sql, params=()):
@@ -146,6 +159,15 @@ class Deployment:
                 pass
             time.sleep(0.2)
         return False
+
+    def warm_up(self, timeout_s=60):
+        """Increments from 20 clients until every daemon holds the database open:
+        each has imported lite and connected, so a timed load after it measures
+        serving, not 20 daemons starting at once."""
+        deadline = time.monotonic() + timeout_s
+        while not all(open_count(pid, self.db) for pid in self.daemons()):
+            assert time.monotonic() < deadline, "daemons that never opened the database"
+            history.run(self.port, clients=20, requests_each=5)
 
     def integrity(self):
         return self.query("PRAGMA integrity_check")[0][0]

@@ -57,9 +57,7 @@ def _kill_daemons(dep):
 @pytest.mark.parametrize("then", [_restart_daemons, _kill_daemons], ids=["restart", "kill"])
 @pytest.mark.parametrize("suffix", ["", "-wal", "-shm"], ids=["db", "wal", "shm"])
 def test_a_file_removed_then_daemons_restarted_or_killed_loses_nothing(deployment, suffix, then):
-    # Every daemon has imported lite before the timed load: on 2 cores 20 fresh
-    # daemons importing at once can take most of the 1.5 s before the removal.
-    history.run(deployment.port, clients=20, requests_each=5)
+    deployment.warm_up()  # 20 daemons starting at once can take the 1.5 s before the removal
     before = deployment.value()
     wait = history.start(deployment.port, clients=20, seconds=6)
     time.sleep(1.5)
@@ -124,6 +122,7 @@ def _restore(dep, saved, expected):
 
 
 def test_a_database_removed_while_serving_loses_nothing(deployment):
+    deployment.warm_up()  # every daemon connected before the file goes
     before = deployment.value()
     log_from = deployment.log_size()
     load = _change_under_load(deployment, lambda: os.remove(deployment.db))
@@ -141,6 +140,7 @@ def test_a_database_removed_while_serving_loses_nothing(deployment):
 
 
 def test_a_copy_moved_over_the_database_is_refused_and_nothing_is_lost(deployment):
+    deployment.warm_up()  # every daemon connected before the file goes
     copy = os.path.join(deployment.home, "copy.db")
     assert deployment.script("serve.sh", "backup", copy).returncode == 0
     before = deployment.value()

@@ -5,8 +5,7 @@ Each daemon thread gets its own connection; the counts stay exact, no client
 sees an error, and the error log has no lock error and no traceback.
 """
 
-import os
-
+import deploy
 import pytest
 
 pytestmark = [pytest.mark.apache, pytest.mark.slow]
@@ -24,19 +23,8 @@ def test_four_daemons_of_eight_threads_pass_test_siege(deployment):
     # More connections than processes: the daemons' threads each opened their own
     # (each connection holds the database file open once).
     daemons = deployment.daemons()
-    held = [_open_count(pid, deployment.db) for pid in daemons]
+    held = [deploy.open_count(pid, deployment.db) for pid in daemons]
     assert sum(held) > len(daemons), held
     with open(deployment.error_log) as f:
         log = f.read()
     assert "Traceback" not in log and "locked" not in log
-
-
-def _open_count(pid, path):
-    """How many of process `pid`'s descriptors name `path`."""
-    count = 0
-    for fd in os.listdir(f"/proc/{pid}/fd"):
-        try:
-            count += os.readlink(f"/proc/{pid}/fd/{fd}") == path
-        except OSError:
-            continue  # closed meanwhile
-    return count

@@ -8,6 +8,7 @@ stopped by PID, through serve.sh's PidFile, and checked gone.
 import contextlib
 import os
 import shutil
+import signal
 import socket
 import sqlite3
 import subprocess
@@ -159,6 +160,17 @@ class Deployment:
                 pass
             time.sleep(0.2)
         return False
+
+    def kill_daemons(self, timeout_s=30):
+        """SIGKILL every daemon by PID; the new ones' PIDs, once mod_wsgi runs as many."""
+        old = self.daemons()
+        for pid in old:
+            os.kill(pid, signal.SIGKILL)
+        deadline = time.monotonic() + timeout_s
+        while len(new := set(self.daemons()) - set(old)) < len(old):
+            assert time.monotonic() < deadline, "the daemons did not come back"
+            time.sleep(0.1)
+        return new
 
     def warm_up(self, timeout_s=60):
         """Increments from 20 clients until every daemon holds the database open:

@@ -213,10 +213,7 @@ def test_the_database_not_writable_by_the_daemons(deployment):
     os.chown(deployment.db, 0, 0)
     os.chmod(deployment.db, 0o644)
     try:
-        for pid in deployment.daemons():  # new daemons open the database anew
-            os.kill(pid, signal.SIGKILL)
-        time.sleep(1)
-        daemons = set(deployment.daemons())
+        daemons = deployment.kill_daemons()  # new daemons open the database anew
         reads = [deployment.request("/lite/get")[0] for _ in range(20)]
         writes = [deployment.request("/lite/inc", data=b"counter=hits") for _ in range(20)]
         assert set(reads) == {200}

@@ -7,7 +7,6 @@ every acknowledged increment is there, and /metrics sums again.
 """
 
 import os
-import signal
 import sqlite3
 import subprocess
 import threading
@@ -59,15 +58,7 @@ def test_a_full_disk_keeps_reads_and_liveness_and_loses_nothing():
         before = dep.value()
         log_from = dep.log_size()
         try:
-            # The daemons that serve from here on start on the full disk.
-            old = dep.daemons()
-            for pid in old:
-                os.kill(pid, signal.SIGKILL)
-            deadline = time.monotonic() + 30
-            while len(set(dep.daemons()) - set(old)) < deploy.DAEMONS:
-                assert time.monotonic() < deadline, "the daemons did not come back"
-                time.sleep(0.1)
-            daemons = set(dep.daemons())
+            daemons = dep.kill_daemons()  # those that serve from here on start on the full disk
             statuses, lock = {}, threading.Lock()
             readers = [
                 threading.Thread(target=_read_while, args=(dep, _until(4), statuses, lock))

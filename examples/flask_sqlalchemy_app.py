@@ -1,0 +1,163 @@
+"""lite's counter routes on Flask-SQLAlchemy, on lite's dialect.
+
+    LITE_WSGI_SCRIPT=flask_sqlalchemy_app.py ./serve.sh start   (or: gunicorn -w 4 ...)
+
+The database is LITE_DATABASE_URL (default `sqlite+lite:///` and
+data/app.db beside this file); with `sqlite:///…` the same app runs on
+SQLAlchemy's defaults. The first request of each process makes the schema
+once for all of them (lite_sqlalchemy.run_once).
+
+GET /lite/get?counter=NAME and POST /lite/inc (form: counter, by; optional
+Idempotency-Key header) answer lite_app's JSON with its status codes: 400 for
+a bad parameter, 404 for an unknown counter, 409 for an overflow, 422 for a
+reused key, 503 + Retry-After when the database cannot be reached in time.
+"""
+
+import os
+import re
+import time
+from typing import Any
+
+import flask
+import werkzeug.exceptions
+from flask_sqlalchemy import SQLAlchemy
+from sqlalchemy import Connection, insert
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+import lite_config
+import lite_counters
+import lite_db
+import lite_sqlalchemy
+
+COUNTERS = {"hits": 0, "misses": 0}  # made with the schema; the first is the default counter
+MAX_BY = 1_000_000
+_BY = re.compile(r"[1-9][0-9]{0,6}\Z")
+_KEY = re.compile(r"[A-Za-z0-9_.:-]{1,128}\Z")
+_HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+app = flask.Flask(__name__)
+app.config["SQLALCHEMY_DATABASE_URI"] = os.environ.get(
+    "LITE_DATABASE_URL", f"sqlite+lite:///{_HERE}/data/app.db"
+)
+db = SQLAlchemy(app, model_class=Base)
+
+
+class Counter(db.Model):
+    __tablename__ = "app_counters"
+    name: Mapped[str] = mapped_column(primary_key=True)
+    value: Mapped[int]
+
+
+class IdempotencyKey(db.Model):
+    __tablename__ = "app_idempotency_keys"
+    key: Mapped[str] = mapped_column(primary_key=True)
+    counter: Mapped[str]
+    by: Mapped[int]
+    value: Mapped[int]
+    created_at: Mapped[float]
+
+
+def create_schema(conn: Connection) -> None:
+    db.metadata.create_all(conn)
+    conn.execute(insert(Counter), [{"name": n, "value": v} for n, v in COUNTERS.items()])
+
+
+class Refused(Exception):
+    """A request refused: its status and reason."""
+
+    def __init__(self, status: int, reason: str) -> None:
+        super().__init__(reason)
+        self.status = status
+
+
+@app.errorhandler(Refused)
+def refused(exc: Refused) -> tuple[flask.Response, int]:
+    return flask.jsonify(error=str(exc)), exc.status
+
+
+@app.errorhandler(lite_db.Unavailable)
+def unavailable(exc: lite_db.Unavailable) -> tuple[flask.Response, int, dict[str, str]]:
+    """The one place the database's "not now" becomes 503: nothing was written."""
+    return flask.jsonify(error="database unavailable, try again"), 503, {"Retry-After": "1"}
+
+
+@app.errorhandler(werkzeug.exceptions.HTTPException)
+def http_error(exc: werkzeug.exceptions.HTTPException) -> tuple[flask.Response, int]:
+    return flask.jsonify(error=exc.description), exc.code or 500
+
+
+@app.before_request
+def schema_once() -> None:
+    if not app.config.get("SCHEMA_READY"):
+        lite_sqlalchemy.run_once(db.engine, "flask_sqlalchemy_app schema 1", create_schema)
+        app.config["SCHEMA_READY"] = True
+
+
+@app.get("/lite/get")
+def get_counter() -> dict[str, Any]:
+    name = _counter_name(flask.request.args)
+    row = db.session.get(Counter, name)
+    if row is None:
+        raise Refused(404, f"no counter {name!r}")
+    return {"counter": row.name, "value": row.value}
+
+
+@app.post("/lite/inc")
+def increment() -> dict[str, Any]:
+    if flask.request.mimetype not in ("", "application/x-www-form-urlencoded"):
+        raise Refused(415, "send the parameters as application/x-www-form-urlencoded")
+    params = flask.request.values
+    unknown = sorted(set(params) - {"counter", "by"})
+    if unknown:
+        raise Refused(400, f"unknown parameter {unknown[0]!r}: use counter, by")
+    name, by = _counter_name(params), _by(params)
+    key = flask.request.headers.get("Idempotency-Key")
+    if key is not None and not _KEY.match(key):
+        raise Refused(400, "Idempotency-Key: use 1-128 of A-Z, a-z, 0-9, _ . : -")
+    # A read-modify-write: this request's transaction holds the write lock
+    # from its first read (BEGIN IMMEDIATE, in its turn). Asked before the
+    # session's first statement.
+    db.session.connection(execution_options={"lite_write": True})
+    if key is not None and (stored := db.session.get(IdempotencyKey, key)) is not None:
+        if (stored.counter, stored.by) != (name, by):
+            raise Refused(422, f"Idempotency-Key was used for {stored.counter} by {stored.by}")
+        return {"counter": stored.counter, "value": stored.value}
+    row = db.session.get(Counter, name)
+    if row is None:
+        raise Refused(404, f"no counter {name!r}")
+    if row.value + by > lite_counters.MAX_INTEGER:
+        raise Refused(409, f"{name} would pass {lite_counters.MAX_INTEGER}")
+    row.value += by
+    value = row.value
+    if key is not None:
+        db.session.add(
+            IdempotencyKey(key=key, counter=name, by=by, value=value, created_at=time.time())
+        )
+    db.session.commit()
+    return {"counter": name, "value": value}
+
+
+def _counter_name(params: Any) -> str:
+    names = params.getlist("counter")
+    if len(names) > 1:
+        raise Refused(400, "give counter once")
+    if names and not lite_config.COUNTER_NAME.match(names[0]):
+        raise Refused(400, "counter: use 1-64 of a-z, 0-9, _ and -")
+    return names[0] if names else next(iter(COUNTERS))
+
+
+def _by(params: Any) -> int:
+    texts = params.getlist("by")
+    if not texts:
+        return 1
+    if len(texts) > 1 or not _BY.match(texts[0]) or int(texts[0]) > MAX_BY:
+        raise Refused(400, f"by: a whole number from 1 to {MAX_BY}")
+    return int(texts[0])
+
+
+application = app

@@ -2,7 +2,8 @@
 
 Changing `sqlite:///app.db` to `sqlite+lite:///app.db` (or
 `sqlite+aiosqlite:///` to `sqlite+aiolite:///`) is the whole switch; both
-are registered by entry point. SQLAlchemy's SQLite dialect is unchanged
+are registered by entry point when lite is installed, and by importing this
+module when it is copied beside an app. SQLAlchemy's SQLite dialect is unchanged
 (`engine.dialect.name` is still "sqlite": SQL, reflection, Alembic and
 `sqlalchemy.dialects.sqlite.insert` work as before); what differs is how
 transactions begin and wait.
@@ -51,6 +52,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from sqlalchemy import event, exc
+from sqlalchemy.dialects import registry
 from sqlalchemy.dialects.sqlite.aiosqlite import SQLiteDialect_aiosqlite
 from sqlalchemy.dialects.sqlite.base import SQLiteDialect
 from sqlalchemy.dialects.sqlite.pysqlite import SQLiteDialect_pysqlite
@@ -360,3 +362,8 @@ async def run_once_async(engine: Any, name: str, job: Callable[[Any], Awaitable[
         await job(conn)
         await conn.exec_driver_sql(_ONCE_RECORD, (name, time.time(), os.getpid()))
         return True
+
+
+# Found by entry point when lite is installed; by this when the file is copied beside an app.
+registry.register("sqlite.lite", __name__, "LiteDialect")
+registry.register("sqlite.aiolite", __name__, "LiteDialect_async")

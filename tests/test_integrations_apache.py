@@ -1,8 +1,9 @@
-"""The Flask and Django examples under the same private Apache as lite_app
+"""The Flask, Django and Flask-SQLAlchemy examples under the same private Apache as lite_app
 (mod_wsgi daemon mode, 20 processes x 1 thread): the Flask app passes
 test_siege.sh (reads, writes with and without delay, a touched config
-applied once); the Django app, 20 clients incrementing, is exact (history
-check), with no error and no traceback in Apache's log.
+applied once); the Django and Flask-SQLAlchemy apps, 20 clients
+incrementing, are exact (history check), with no error and no traceback in
+Apache's log.
 """
 
 import os
@@ -18,11 +19,12 @@ pytestmark = [pytest.mark.apache, pytest.mark.slow]
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXAMPLES = os.path.join(ROOT, "examples")
+PACKAGES = ("flask", "django", "sqlalchemy", "greenlet", "flask-sqlalchemy")
 
 
 def _pins(*names):
     with open(os.path.join(ROOT, "requirements-dev.txt")) as f:
-        pins = re.findall(r"^([a-z]+)==(\S+)$", f.read(), re.M)
+        pins = re.findall(r"^([a-z][a-z0-9_-]*)==(\S+)$", f.read(), re.M)
     return [f"{name}=={version}" for name, version in pins if name in names]
 
 
@@ -31,16 +33,16 @@ def integrations(deployment):
     """The deployment with Flask and Django in its venv and the examples beside lite."""
     pip = os.path.join(deployment.home, "venv", "bin", "pip")
     installed = subprocess.run(
-        [pip, "install", "-q", "--disable-pip-version-check", *_pins("flask", "django")],
+        [pip, "install", "-q", "--disable-pip-version-check", *_pins(*PACKAGES)],
         capture_output=True,
         text=True,
         timeout=600,
     )
     assert installed.returncode == 0, installed.stderr
     app = os.path.join(deployment.home, "app")
-    for source in ("lite_flask.py", "lite_django"):
+    for source in ("lite_flask.py", "lite_django", "lite_sqlalchemy.py"):
         _copy(os.path.join(ROOT, source), app)
-    for source in ("flask_app.py", "django_wsgi.py", "django_counter"):
+    for source in ("flask_app.py", "django_wsgi.py", "django_counter", "flask_sqlalchemy_app.py"):
         _copy(os.path.join(EXAMPLES, source), app)
     return deployment
 
@@ -100,3 +102,28 @@ def test_the_django_example_increments_exactly(integrations):
     log = integrations.log_since(log_from)
     assert "Traceback" not in log and "locked" not in log
     print(f"Django on lite_django: {len(load.ok)} increments, all counted once")
+
+
+def test_the_flask_sqlalchemy_example_increments_exactly(integrations):
+    """On lite's dialect (the schema made once by the first of 20 daemons to get a request)."""
+    _serve(integrations, "flask_sqlalchemy_app.py")
+    path = os.path.join(integrations.home, "app", "data", "app.db")
+    # Every daemon imports Flask and SQLAlchemy before the timed load.
+    warm = history.run(integrations.port, clients=20, requests_each=5)
+    assert not warm.failed and not warm.unknown, warm.statuses
+    assert deploy.read_only_query(path, "SELECT count(*) FROM lite_once") == [(1,)]
+    log_from = integrations.log_size()
+    sql = "SELECT value FROM app_counters WHERE name = 'hits'"
+    before = deploy.read_only_query(path, sql)[0][0]
+    load = history.run(integrations.port, clients=20, seconds=6)
+    after = deploy.read_only_query(path, sql)[0][0]
+    keyed = history.run(integrations.port, clients=20, seconds=3, idempotent=True)
+    load.check(before, after)
+    keyed.check(after, deploy.read_only_query(path, sql)[0][0], idempotent=True)
+    for run in (load, keyed):
+        assert not run.failed and not run.unknown, run.statuses
+        assert not run.bodies_with_lock_errors
+    assert len(load.ok) > 300
+    log = integrations.log_since(log_from)
+    assert "Traceback" not in log and "locked" not in log
+    print(f"Flask-SQLAlchemy on lite: {len(load.ok)} increments, {len(keyed.ok)} keyed, exact")

@@ -27,7 +27,7 @@ MODULES = [
     "lite_page",
     "lite_metrics",
 ]
-ADAPTERS = ["lite_flask", "lite_django.base", "lite_pg"]
+ADAPTERS = ["lite_flask", "lite_django.base", "lite_pg", "lite_sqlalchemy"]
 CORE = ["lite_db", "lite_counters", "lite_config", "lite_ops"]  # the standard library only
 
 
@@ -61,7 +61,7 @@ def test_the_wheel_holds_the_modules_and_nothing_else(wheel):
     names = zipfile.ZipFile(built).namelist()
     code = sorted(name for name in names if ".dist-info/" not in name)
     assert code == sorted(
-        [f"{name}.py" for name in (*MODULES, "lite_flask", "lite_pg")]
+        [f"{name}.py" for name in (*MODULES, "lite_flask", "lite_pg", "lite_sqlalchemy")]
         + ["lite_django/__init__.py", "lite_django/base.py"]
     )
     assert f"lite-{lite_db.__version__}.dist-info/licenses/LICENSE" in names
@@ -88,10 +88,26 @@ def test_installed_the_core_needs_only_the_standard_library_and_lite_works(wheel
 def test_with_its_extras_every_module_imports(wheel):
     work, built = wheel
     pip = str(work / "venv" / "bin" / "pip")
-    _run(pip, "install", "-q", f"lite[app,flask,django,postgres] @ {built.as_uri()}")
+    extras = "app,flask,django,postgres,sqlalchemy,aiosqlite"
+    _run(pip, "install", "-q", f"lite[{extras}] @ {built.as_uri()}")
     code = "import " + ", ".join(MODULES + ADAPTERS) + "; print(lite_app.application)"
     out = _run(str(work / "venv" / "bin" / "python"), "-c", code, cwd=work)
     assert "Bottle" in out
+
+
+def test_installed_the_sqlalchemy_urls_need_no_import(wheel):
+    """The entry points: an app changes its URL and nothing else."""
+    work, built = wheel
+    pip = str(work / "venv" / "bin" / "pip")
+    _run(pip, "install", "-q", f"lite[sqlalchemy,aiosqlite] @ {built.as_uri()}")
+    code = (
+        "import sqlalchemy, sqlalchemy.ext.asyncio as aio, sys; "
+        "print(type(sqlalchemy.create_engine('sqlite+lite:///a.db').dialect).__name__); "
+        "print(type(aio.create_async_engine('sqlite+aiolite:///a.db').dialect).__name__); "
+        "print('lite_sqlalchemy' in sys.modules)"
+    )
+    out = _run(str(work / "venv" / "bin" / "python"), "-c", code, cwd=work)
+    assert out.split() == ["LiteDialect", "LiteDialect_async", "True"]
 
 
 def test_pip_builds_the_same_wheel_from_a_git_url(wheel, tmp_path):

@@ -93,6 +93,10 @@ class _BeginFailed(sqlite3.OperationalError):
     """BEGIN IMMEDIATE could not take the lock within the budget (or at all)."""
 
 
+class _WriteAfterRead(sqlite3.OperationalError):
+    """A read transaction could not write: another write came since its snapshot."""
+
+
 def is_read(statement: str) -> bool:
     """Whether `statement` only reads, judged by its first word (comments skipped).
 
@@ -249,31 +253,45 @@ class LiteDialect(SQLiteDialect_pysqlite):
             _ended(self.raw(dbapi_connection))
 
     def do_execute(self, cursor: Any, statement: str, parameters: Any, context: Any = None) -> None:
-        self._begin_if_pending(cursor, statement, context)
-        cursor.execute(statement, parameters)
+        self._run(lambda: cursor.execute(statement, parameters), statement, context)
 
     def do_execute_no_params(self, cursor: Any, statement: str, context: Any = None) -> None:
-        self._begin_if_pending(cursor, statement, context)
-        cursor.execute(statement)
+        self._run(lambda: cursor.execute(statement), statement, context)
 
     def do_executemany(
         self, cursor: Any, statement: str, parameters: Any, context: Any = None
     ) -> None:
-        self._begin_if_pending(cursor, statement, context)
-        cursor.executemany(statement, parameters)
+        self._run(lambda: cursor.executemany(statement, parameters), statement, context)
 
-    def _begin_if_pending(self, cursor: Any, statement: str, context: Any) -> None:
+    def _run(self, execute: Callable[[], Any], statement: str, context: Any) -> None:
+        """Begin the transaction if this is its first statement, then execute it.
+
+        Raises _WriteAfterRead for a write its read transaction could not
+        make (SQLITE_BUSY or BUSY_SNAPSHOT: another write came first).
+        """
         if context is None:
+            execute()
             return
         dbapi_connection = context.root_connection.connection.dbapi_connection
         raw = self.raw(dbapi_connection)
-        if not raw.begin_pending:
-            return
-        raw.begin_pending = False
-        options = context.execution_options
-        write = bool(options.get(WRITE_OPTION)) or not _reads(statement, context)
-        budget = int(options.get(BUDGET_OPTION, lite_db.LOCK_BUDGET_MS))
-        self._on_raw(dbapi_connection, _begin, write, budget)
+        if raw.begin_pending:
+            raw.begin_pending = False
+            options = context.execution_options
+            write = bool(options.get(WRITE_OPTION)) or not _reads(statement, context)
+            budget = int(options.get(BUDGET_OPTION, lite_db.LOCK_BUDGET_MS))
+            self._on_raw(dbapi_connection, _begin, write, budget)
+        try:
+            execute()
+        except sqlite3.OperationalError as error:
+            busy = (getattr(error, "sqlite_errorcode", 0) & 0xFF) == sqlite3.SQLITE_BUSY
+            if not (busy and raw.transaction == "read"):
+                raise
+            refused = _WriteAfterRead(
+                "this transaction read before it wrote, and another write came first; "
+                f"nothing was written. Begin it with lite_write=True to wait its turn ({error})"
+            )
+            refused.sqlite_errorcode = error.sqlite_errorcode
+            raise refused from error
 
 
 def _reads(statement: str, context: Any) -> bool:
@@ -320,14 +338,10 @@ def _unavailable(context: Any) -> Exception | None:
     if isinstance(error, _BeginFailed):
         context.is_disconnect = True  # the pool closes it: never reused half-open
         reason = f"write failed: {error}"
-    elif code in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED):
-        reason = (
-            "write failed: this transaction read before it wrote, and another write came "
-            "first; nothing was written. Begin it with lite_write=True to wait its turn "
-            f"({error})"
-        )
+    elif isinstance(error, _WriteAfterRead):
+        reason = f"write failed: {error}"
     else:
-        reason = f"database error: {error}"
+        reason = f"database unavailable: {error}"
     lite_db.log.error("%s (%s)", reason, (context.statement or "")[:80])
     return lite_db.Unavailable(reason)
 

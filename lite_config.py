@@ -56,7 +56,7 @@ import lite_db
 CONFIG_MAX_BYTES = 64 * 1024  # 64 KiB: a larger file is refused
 SETTLE_S = 1.0  # 1 s: a file modified more recently may still be being written
 MAX_COUNTERS = 100
-COUNTER_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}\Z")
+COUNTER_NAME = lite_counters.COUNTER_NAME
 _INTEGER = re.compile(r"-?[0-9]{1,19}\Z")
 
 TABLES = (

@@ -14,11 +14,15 @@ Contract:
   (logged and counted there); NoSuchCounter, WouldOverflow and KeyReused for
   what the caller asked, with nothing written; ValueError for a step that is
   not an int from 1 to MAX_INTEGER.
+- A request's input rules, for apps built on other ORMs (the SQLAlchemy
+  examples): `counter_name_from`, `step_from` and `check_idempotency_key`
+  raise BadInput, whose text says the rule, for an answer of 400.
 """
 
+import re
 import sqlite3
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import lite_db
@@ -41,7 +45,41 @@ IDEMPOTENCY_TABLES = (
     " ON lite_idempotency_keys (created_at)",
 )
 
+MAX_BY = 1_000_000  # largest step one request may ask for
+COUNTER_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}\Z")
+_STEP = re.compile(r"[1-9][0-9]{0,6}\Z")
+_IDEMPOTENCY_KEY = re.compile(r"[A-Za-z0-9_.:-]{1,128}\Z")
+
 _OVERFLOW = object()  # what an increment's statement gives when the sum would pass MAX_INTEGER
+
+
+class BadInput(ValueError):
+    """A request parameter that breaks an input rule; its text says the rule."""
+
+
+def counter_name_from(values: Sequence[str]) -> str | None:
+    """The counter a request's `counter` values name; None (the first counter) if none."""
+    if len(values) > 1:
+        raise BadInput("give counter once")
+    if values and not COUNTER_NAME.match(values[0]):
+        raise BadInput("counter: use 1-64 of a-z, 0-9, _ and -")
+    return values[0] if values else None
+
+
+def step_from(values: Sequence[str]) -> int:
+    """The step a request's `by` values ask for: 1 if none."""
+    if not values:
+        return 1
+    if len(values) > 1 or not _STEP.match(values[0]) or int(values[0]) > MAX_BY:
+        raise BadInput(f"by: a whole number from 1 to {MAX_BY}")
+    return int(values[0])
+
+
+def check_idempotency_key(key: str) -> str:
+    """`key` if it is a valid Idempotency-Key."""
+    if not _IDEMPOTENCY_KEY.match(key):
+        raise BadInput("Idempotency-Key: use 1-128 of A-Z, a-z, 0-9, _ . : -")
+    return key
 
 
 class NoSuchCounter(LookupError):

@@ -15,7 +15,6 @@ reused key, 503 + Retry-After when the database cannot be reached in time.
 
 import contextlib
 import os
-import re
 import time
 import urllib.parse
 from collections.abc import AsyncIterator
@@ -27,15 +26,11 @@ from sqlalchemy import insert
 from sqlalchemy.ext.asyncio import AsyncConnection, async_sessionmaker, create_async_engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-import lite_config
 import lite_counters
 import lite_db
 import lite_sqlalchemy
 
 COUNTERS = {"hits": 0, "misses": 0}  # made at startup; the first is the default counter
-MAX_BY = 1_000_000
-_BY = re.compile(r"[1-9][0-9]{0,6}\Z")
-_KEY = re.compile(r"[A-Za-z0-9_.:-]{1,128}\Z")
 
 engine = create_async_engine(os.environ.get("LITE_DATABASE_URL", "sqlite+aiolite:///data/app.db"))
 # Reads begin a read transaction, which never waits for writers. A
@@ -92,6 +87,11 @@ async def refused(request: fastapi.Request, exc: Refused) -> JSONResponse:
     return JSONResponse({"error": str(exc)}, exc.status)
 
 
+@app.exception_handler(lite_counters.BadInput)
+async def bad_input(request: fastapi.Request, exc: lite_counters.BadInput) -> JSONResponse:
+    return JSONResponse({"error": str(exc)}, 400)
+
+
 @app.exception_handler(lite_db.Unavailable)
 async def unavailable(request: fastapi.Request, exc: lite_db.Unavailable) -> JSONResponse:
     """The one place the database's "not now" becomes 503: nothing was written."""
@@ -102,7 +102,8 @@ async def unavailable(request: fastapi.Request, exc: lite_db.Unavailable) -> JSO
 
 @app.get("/lite/get")
 async def get_counter(request: fastapi.Request) -> dict[str, Any]:
-    name = _counter_name(urllib.parse.parse_qs(request.url.query))
+    params = urllib.parse.parse_qs(request.url.query)
+    name = lite_counters.counter_name_from(params.get("counter", [])) or next(iter(COUNTERS))
     async with Reading() as session:
         row = await session.get(Counter, name)
     if row is None:
@@ -125,10 +126,11 @@ async def increment(request: fastapi.Request) -> dict[str, Any]:
     unknown = sorted(set(params) - {"counter", "by"})
     if unknown:
         raise Refused(400, f"unknown parameter {unknown[0]!r}: use counter, by")
-    name, by = _counter_name(params), _by(params)
+    name = lite_counters.counter_name_from(params.get("counter", [])) or next(iter(COUNTERS))
+    by = lite_counters.step_from(params.get("by", []))
     key = request.headers.get("Idempotency-Key")
-    if key is not None and not _KEY.match(key):
-        raise Refused(400, "Idempotency-Key: use 1-128 of A-Z, a-z, 0-9, _ . : -")
+    if key is not None:
+        lite_counters.check_idempotency_key(key)
     async with Writing() as session:
         if key is not None and (stored := await session.get(IdempotencyKey, key)) is not None:
             if (stored.counter, stored.by) != (name, by):
@@ -148,21 +150,3 @@ async def increment(request: fastapi.Request) -> dict[str, Any]:
             )
         await session.commit()
         return {"counter": name, "value": row.value}
-
-
-def _counter_name(params: dict[str, list[str]]) -> str:
-    names = params.get("counter", [])
-    if len(names) > 1:
-        raise Refused(400, "give counter once")
-    if names and not lite_config.COUNTER_NAME.match(names[0]):
-        raise Refused(400, "counter: use 1-64 of a-z, 0-9, _ and -")
-    return names[0] if names else next(iter(COUNTERS))
-
-
-def _by(params: dict[str, list[str]]) -> int:
-    texts = params.get("by", [])
-    if not texts:
-        return 1
-    if len(texts) > 1 or not _BY.match(texts[0]) or int(texts[0]) > MAX_BY:
-        raise Refused(400, f"by: a whole number from 1 to {MAX_BY}")
-    return int(texts[0])

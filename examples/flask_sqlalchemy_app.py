@@ -14,7 +14,6 @@ reused key, 503 + Retry-After when the database cannot be reached in time.
 """
 
 import os
-import re
 import time
 from typing import Any
 
@@ -24,15 +23,11 @@ from flask_sqlalchemy import SQLAlchemy
 from sqlalchemy import Connection, insert
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-import lite_config
 import lite_counters
 import lite_db
 import lite_sqlalchemy
 
 COUNTERS = {"hits": 0, "misses": 0}  # made with the schema; the first is the default counter
-MAX_BY = 1_000_000
-_BY = re.compile(r"[1-9][0-9]{0,6}\Z")
-_KEY = re.compile(r"[A-Za-z0-9_.:-]{1,128}\Z")
 _HERE = os.path.dirname(os.path.abspath(__file__))
 
 
@@ -80,6 +75,11 @@ def refused(exc: Refused) -> tuple[flask.Response, int]:
     return flask.jsonify(error=str(exc)), exc.status
 
 
+@app.errorhandler(lite_counters.BadInput)
+def bad_input(exc: lite_counters.BadInput) -> tuple[flask.Response, int]:
+    return flask.jsonify(error=str(exc)), 400
+
+
 @app.errorhandler(lite_db.Unavailable)
 def unavailable(exc: lite_db.Unavailable) -> tuple[flask.Response, int, dict[str, str]]:
     """The one place the database's "not now" becomes 503: nothing was written."""
@@ -100,7 +100,8 @@ def schema_once() -> None:
 
 @app.get("/lite/get")
 def get_counter() -> dict[str, Any]:
-    name = _counter_name(flask.request.args)
+    name = lite_counters.counter_name_from(flask.request.args.getlist("counter"))
+    name = name or next(iter(COUNTERS))
     row = db.session.get(Counter, name)
     if row is None:
         raise Refused(404, f"no counter {name!r}")
@@ -115,10 +116,11 @@ def increment() -> dict[str, Any]:
     unknown = sorted(set(params) - {"counter", "by"})
     if unknown:
         raise Refused(400, f"unknown parameter {unknown[0]!r}: use counter, by")
-    name, by = _counter_name(params), _by(params)
+    name = lite_counters.counter_name_from(params.getlist("counter")) or next(iter(COUNTERS))
+    by = lite_counters.step_from(params.getlist("by"))
     key = flask.request.headers.get("Idempotency-Key")
-    if key is not None and not _KEY.match(key):
-        raise Refused(400, "Idempotency-Key: use 1-128 of A-Z, a-z, 0-9, _ . : -")
+    if key is not None:
+        lite_counters.check_idempotency_key(key)
     # A read-modify-write: this request's transaction holds the write lock
     # from its first read (BEGIN IMMEDIATE, in its turn). Asked before the
     # session's first statement.
@@ -140,24 +142,3 @@ def increment() -> dict[str, Any]:
         )
     db.session.commit()
     return {"counter": name, "value": value}
-
-
-def _counter_name(params: Any) -> str:
-    names = params.getlist("counter")
-    if len(names) > 1:
-        raise Refused(400, "give counter once")
-    if names and not lite_config.COUNTER_NAME.match(names[0]):
-        raise Refused(400, "counter: use 1-64 of a-z, 0-9, _ and -")
-    return names[0] if names else next(iter(COUNTERS))
-
-
-def _by(params: Any) -> int:
-    texts = params.getlist("by")
-    if not texts:
-        return 1
-    if len(texts) > 1 or not _BY.match(texts[0]) or int(texts[0]) > MAX_BY:
-        raise Refused(400, f"by: a whole number from 1 to {MAX_BY}")
-    return int(texts[0])
-
-
-application = app

@@ -6,7 +6,9 @@ workers forked from a preloaded app; Flask-SQLAlchemy under gunicorn --preload (
 test_integrations_apache, under Apache).
 """
 
+import importlib.util
 import os
+import sqlite3
 
 import deploy
 import history
@@ -62,3 +64,92 @@ def test_20_clients_increment_exactly_after_the_schema_is_made_once(tmp_path, ar
         text = f.read()
     assert "Traceback" not in text and "locked" not in text
     print(f"{len(load.ok)} increments and {len(keyed.ok)} keyed, all counted once")
+
+
+def _load(name, database_url, monkeypatch):
+    """A fresh import of examples/<name>.py on `database_url`."""
+    monkeypatch.setenv("LITE_DATABASE_URL", database_url)
+    spec = importlib.util.spec_from_file_location(
+        f"{name}_under_test", f"{servers.EXAMPLES}/{name}.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(params=["fastapi_app", "flask_sqlalchemy_app"])
+def client(request, tmp_path, monkeypatch):
+    """(an in-process client of the example, its database path)."""
+    path = tmp_path / "app.db"
+    if request.param == "fastapi_app":
+        pytest.importorskip("fastapi")
+        from fastapi.testclient import TestClient
+
+        module = _load(request.param, f"sqlite+aiolite:///{path}", monkeypatch)
+        with TestClient(module.app, raise_server_exceptions=False) as test_client:
+            yield test_client, path
+    else:
+        pytest.importorskip("flask_sqlalchemy")
+        module = _load(request.param, f"sqlite+lite:///{path}", monkeypatch)
+        test_client = module.app.test_client()
+        test_client.get("/lite/get")  # the schema, made at the first request
+        yield test_client, path
+        with module.app.app_context():
+            module.db.engine.dispose()
+
+
+@pytest.mark.parametrize(
+    ("method", "url", "body", "headers", "status", "error"),
+    [
+        ("GET", "/lite/get?counter=Bad!", None, {}, 400, "counter: use 1-64"),
+        ("GET", "/lite/get?counter=a&counter=b", None, {}, 400, "give counter once"),
+        ("GET", "/lite/get?counter=nope", None, {}, 404, "no counter 'nope'"),
+        ("POST", "/lite/inc", "by=0", {}, 400, "by: a whole number from 1 to 1000000"),
+        ("POST", "/lite/inc", "by=1000001", {}, 400, "by: a whole number"),
+        ("POST", "/lite/inc", "sneaky=1", {}, 400, "unknown parameter 'sneaky'"),
+        ("POST", "/lite/inc", "counter=nope", {}, 404, "no counter 'nope'"),
+        ("POST", "/lite/inc", "", {"Idempotency-Key": "a b"}, 400, "Idempotency-Key: use"),
+        ("POST", "/lite/inc", "{}", {"Content-Type": "application/json"}, 415, "form-urlencoded"),
+    ],
+)
+def test_bad_input_is_a_4xx_and_changes_nothing(client, method, url, body, headers, status, error):
+    test_client, path = client
+    headers = {"Content-Type": "application/x-www-form-urlencoded", **headers}
+    answer = _send(test_client, method, url, body, headers)
+    assert answer.status_code == status
+    assert error in _body(answer)["error"]
+    assert _value(str(path)) == 0
+
+
+def test_a_key_replays_and_a_reused_key_is_422_and_a_held_lock_is_503(client):
+    test_client, path = client
+    form = {"Content-Type": "application/x-www-form-urlencoded"}
+    key = {**form, "Idempotency-Key": "k1"}
+    first = _send(test_client, "POST", "/lite/inc", "by=2", key)
+    again = _send(test_client, "POST", "/lite/inc", "by=2", key)
+    other = _send(test_client, "POST", "/lite/inc", "by=3", key)
+    assert [first.status_code, again.status_code, other.status_code] == [200, 200, 422]
+    assert _body(first) == _body(again) == {"counter": "hits", "value": 2}
+    holder = sqlite3.connect(path, isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")
+    try:
+        busy = _send(test_client, "POST", "/lite/inc", "", form)
+        read = test_client.get("/lite/get")
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    assert busy.status_code == 503 and busy.headers["Retry-After"] == "1"
+    assert _body(busy) == {"error": "database unavailable, try again"}
+    assert read.status_code == 200 and _body(read)["value"] == 2  # reads never wait
+    assert _value(str(path)) == 2
+
+
+def _send(test_client, method, url, body, headers):
+    """One request through FastAPI's TestClient or Flask's test client."""
+    if hasattr(test_client, "open"):
+        return test_client.open(url, method=method, data=body, headers=headers)
+    return test_client.request(method, url, content=body, headers=headers)
+
+
+def _body(answer):
+    return answer.get_json() if hasattr(answer, "get_json") else answer.json()

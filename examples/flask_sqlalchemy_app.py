@@ -142,3 +142,6 @@ def increment() -> dict[str, Any]:
         )
     db.session.commit()
     return {"counter": name, "value": value}
+
+
+application = app  # the name mod_wsgi looks for

@@ -4,7 +4,7 @@
 
 Installs lite with serve.sh into a scratch LITE_HOME, adds the benchmark's own
 apps beside lite_app.py, and in each round serves, one after another, with
-the same lite.conf (processes=20 threads=1):
+the same lite.conf (processes=20 threads=1; FastAPI, being ASGI, under uvicorn):
 
 - hello       bench/hello_app.py: a constant, the server's ceiling
 - minimal     bench/minimal_app.py: the least SQLite work a counter can be (one
@@ -21,32 +21,59 @@ the same lite.conf (processes=20 threads=1):
 - lite-pg     lite_app.py on PostgreSQL (LITE_DATABASE_URL): a private
               PostgreSQL 15 (scripts/postgres.sh) in the scratch home, over
               TCP on 127.0.0.1
+- fastapi     examples/fastapi_app.py (FastAPI, SQLAlchemy's asyncio ORM) on
+              SQLAlchemy's defaults (sqlite+aiosqlite://), under
+              `uvicorn --workers 4` on 127.0.0.1 (not Apache: it is ASGI),
+              run as the daemons' user, without an access log
+- fastapi-lite  the same app on lite's dialect (sqlite+aiolite://)
+- flask-sqla  examples/flask_sqlalchemy_app.py (Flask-SQLAlchemy) on
+              SQLAlchemy's defaults (sqlite://)
+- flask-sqla-lite  the same app on lite's dialect (sqlite+lite://)
 
 `--apps` picks some of them (hello is always measured: every ratio needs it).
 
-Each app's GET /lite/get and POST /lite/inc are driven by wrk (20 connections,
-fixed time) and by siege (-b -c20, a fixed number of requests). For POSTs the
-counter is read before and after: acknowledged (2xx) minus the counter's delta
-is what was lost. Then SQLite alone (bench/sqlite_alone.py). Ratios (to hello,
-and lite's to minimal and to lite-prev) are taken within a round, and the
-median over rounds is reported. Writes results.json, results.md and
-results.png into --out (default bench/).
+The four SQLAlchemy apps each have their own database file in the scratch
+home, and a small entry script that sets LITE_DATABASE_URL and registers
+lite's dialects before it imports the example (lite_sqlalchemy.py is copied
+beside the app, not installed, so no entry point names them). Their schema is
+made beforehand, as the daemons' user (who must own the files), by the
+example's own startup code: run_once / run_once_async with its create_schema.
+The stock apps too, so that their startup races (every process making the
+schema at once) stay out of the steady-state measurement.
+
+Each app is warmed up by GETs until its throughput stops rising (every server
+process has imported it: warm_up), then its GET /lite/get and POST /lite/inc
+are driven by wrk (20 connections, fixed time) and by siege (-b -c20, a fixed
+number of requests). For POSTs the counter is read before and after (once it
+has settled: POSTs in flight when the client stopped are still applied):
+acknowledged (2xx) minus the counter's delta is what was lost. Then SQLite
+alone (bench/sqlite_alone.py). Ratios (to hello, lite's to minimal and to
+lite-prev, and each integration's on lite to the same app on stock: COMPARED)
+are taken within a round, and the median over rounds is reported. Writes
+results.json, results.md and results.png into --out (default bench/).
 """
 
 import argparse
+import contextlib
+import http.client
 import json
+import math
 import os
 import platform
 import re
 import shutil
+import signal
 import socket
 import sqlite3
 import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+import urllib.parse
 import urllib.request
+from collections.abc import Iterator
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -65,6 +92,10 @@ APPS = [
     ("django", "django_stock_wsgi.py", "NORMAL"),
     ("django-lite", "django_wsgi.py", "NORMAL"),
     ("lite-pg", "lite_pg_app.py", "NORMAL"),
+    ("fastapi", "fastapi_stock_asgi.py", "NORMAL"),
+    ("fastapi-lite", "fastapi_lite_asgi.py", "NORMAL"),
+    ("flask-sqla", "flask_sqla_stock_wsgi.py", "NORMAL"),
+    ("flask-sqla-lite", "flask_sqla_lite_wsgi.py", "NORMAL"),
 ]
 # An app's ratios to each of these, besides hello, when they ran in the same rounds.
 COMPARED = {
@@ -72,8 +103,62 @@ COMPARED = {
     "lite-full": ("minimal-full",),
     "django-lite": ("django",),
     "lite-pg": ("lite",),
+    "fastapi-lite": ("fastapi",),
+    "flask-sqla-lite": ("flask-sqla",),
 }
 DJANGO_APPS = ("django", "django-lite")
+# The SQLAlchemy examples: app -> (example module, the name its entry script
+# serves the example's `app` under: mod_wsgi's `application`, or uvicorn's `app`;
+# URL scheme).
+SQLA_APPS = {
+    "fastapi": ("fastapi_app", "app", "sqlite+aiosqlite"),
+    "fastapi-lite": ("fastapi_app", "app", "sqlite+aiolite"),
+    "flask-sqla": ("flask_sqlalchemy_app", "application", "sqlite"),
+    "flask-sqla-lite": ("flask_sqlalchemy_app", "application", "sqlite+lite"),
+}
+UVICORN_APPS = ("fastapi", "fastapi-lite")  # ASGI: served by uvicorn, not Apache
+UVICORN_WORKERS = 4
+# What they need in the venv, at requirements-dev.txt's pins (FastAPI's own
+# dependencies, pydantic and starlette among them, come with it).
+SQLA_PACKAGES = (
+    "sqlalchemy",
+    "greenlet",
+    "aiosqlite",
+    "fastapi",
+    "uvicorn",
+    "flask",
+    "flask-sqlalchemy",
+)
+SQLA_FILES = ("lite_sqlalchemy.py", "examples/fastapi_app.py", "examples/flask_sqlalchemy_app.py")
+# The entry script of each: its database, lite's dialects, the example. The
+# dialects are registered here because the copied lite_sqlalchemy.py is not
+# installed, so no entry point names them; registering them for the stock
+# apps too changes nothing there.
+SQLA_ENTRY = """import os
+os.environ["LITE_DATABASE_URL"] = {url!r}
+from sqlalchemy.dialects import registry
+registry.register("sqlite.lite", "lite_sqlalchemy", "LiteDialect")
+registry.register("sqlite.aiolite", "lite_sqlalchemy", "LiteDialect_async")
+from {module} import app as {name}  # noqa: E402
+"""
+# Makes an example's schema as its own processes would at startup, once:
+# argv: the entry module, the example module.
+SQLA_SCHEMA = """import asyncio, importlib, sys
+importlib.import_module(sys.argv[1])
+example = importlib.import_module(sys.argv[2])
+if sys.argv[2] == "fastapi_app":
+    async def startup():
+        # run_once_async(engine, ..., create_schema), then the engine disposed
+        async with example.lifespan(example.app):
+            pass
+    asyncio.run(startup())
+else:
+    with example.app.app_context():
+        example.schema_once()  # run_once(db.engine, ..., create_schema)
+        example.db.engine.dispose()
+"""
+START_TIMEOUT_S = 60
+STOP_TIMEOUT_S = 30
 PREV_DIR = "prev"  # where lite-prev's files go, beside lite_app.py
 # The WSGI script that serves lite-prev: its own modules first on the path,
 # and its own database, so that neither version touches the other's tables.
@@ -92,6 +177,10 @@ import lite_app
 application = lite_app.application
 """
 CONNECTIONS = 20
+WARM_UP_GAIN = 1.1  # warm: a second of GETs no more than 10% above the one before
+WARM_UP_MAX_S = 30
+SETTLE_S = 0.2  # the counter is read after a POST run once it stays this long unchanged
+SETTLE_MAX_S = 10
 POST_BODY = "counter=hits"
 
 
@@ -120,6 +209,22 @@ def as_daemon_user(code: str, *args: str) -> None:
 def counter(base: str) -> int:
     with urllib.request.urlopen(f"{base}/lite/get?counter=hits", timeout=30) as res:
         return json.load(res)["value"]
+
+
+def settled_counter(base: str) -> int:
+    """The counter once it has stopped moving (SETTLE_S without a change).
+
+    The POSTs in flight when a run's client stops are still applied by the
+    server: their increments belong to that run's delta, not to the next one's.
+    """
+    value = counter(base)
+    deadline = time.monotonic() + SETTLE_MAX_S
+    while time.monotonic() < deadline:
+        time.sleep(SETTLE_S)
+        value, previous = counter(base), value
+        if value == previous:
+            break
+    return value
 
 
 def wrk(url: str, seconds: float, post: bool) -> dict:
@@ -179,6 +284,59 @@ def siege(url: str, requests_per_user: int, post: bool, rc: str) -> dict:
     }
 
 
+def warm_up(url: str) -> None:
+    """GETs on CONNECTIONS keep-alive connections until every server process has loaded its app.
+
+    Warm once, in one second, every connection had an answer and the number of
+    answers rose by no more than WARM_UP_GAIN over the second before (at most
+    WARM_UP_MAX_S). A daemon imports its app at its first request: 20 of them
+    importing Flask and SQLAlchemy (about 1 s of CPU each) take some 10 s of a
+    2-core machine, during which the connections they hold get nothing while the
+    daemon already warm answers the others at a steady rate.
+    """
+    parts = urllib.parse.urlsplit(url)
+    target = f"{parts.path}?{parts.query}"
+    stop = threading.Event()
+    answered = [0] * CONNECTIONS
+
+    def client(number: int) -> None:
+        conn = None
+        while not stop.is_set():
+            try:
+                if conn is None:
+                    conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=30)
+                conn.request("GET", target)
+                conn.getresponse().read()
+                answered[number] += 1
+            except (OSError, http.client.HTTPException):
+                if conn is not None:
+                    conn.close()
+                conn = None
+                time.sleep(0.1)
+        if conn is not None:
+            conn.close()
+
+    clients = [threading.Thread(target=client, args=(n,)) for n in range(CONNECTIONS)]
+    for thread in clients:
+        thread.start()
+    before, previous, elapsed = [0] * CONNECTIONS, 0, 0
+    try:
+        while elapsed < WARM_UP_MAX_S:
+            time.sleep(1)
+            elapsed += 1
+            now = list(answered)
+            each = [a - b for a, b in zip(now, before, strict=True)]
+            before, rate = now, sum(each)
+            if min(each) > 0 and rate <= previous * WARM_UP_GAIN:
+                break
+            previous = rate
+    finally:
+        stop.set()
+        for thread in clients:
+            thread.join()
+    print(f"bench: warmed up in {elapsed} s", file=sys.stderr)
+
+
 def drive(base: str, seconds: float, rc: str, siege_requests: int, counts: bool) -> dict:
     """Every measurement of one served app: wrk and siege, GET and POST.
 
@@ -186,15 +344,15 @@ def drive(base: str, seconds: float, rc: str, siege_requests: int, counts: bool)
     checked against it.
     """
     url_get, url_inc = f"{base}/lite/get?counter=hits", f"{base}/lite/inc"
-    wrk(url_get, 1, post=False)  # warm every daemon up
+    warm_up(url_get)
     result = {"wrk_get": wrk(url_get, seconds, post=False)}
     before = counter(base)
     result["wrk_inc"] = wrk(url_inc, seconds, post=True)
-    result["wrk_inc"]["delta"] = counter(base) - before
+    result["wrk_inc"]["delta"] = settled_counter(base) - before
     result["siege_get"] = siege(url_get, siege_requests, post=False, rc=rc)
     before = counter(base)
     result["siege_inc"] = siege(url_inc, siege_requests, post=True, rc=rc)
-    result["siege_inc"]["delta"] = counter(base) - before
+    result["siege_inc"]["delta"] = settled_counter(base) - before
     for key in ("wrk_inc", "siege_inc"):
         r = result[key]
         if counts:
@@ -235,11 +393,19 @@ def install_baseline(app: str, revision: str) -> None:
         out.write(PREV_APP)
 
 
+def pin(name: str) -> str:
+    """`name==VERSION` as requirements-dev.txt pins it (`-`, `_` and `.` alike, any case)."""
+    pattern = "[-_.]+".join(map(re.escape, re.split(r"[-_.]+", name)))
+    with open(os.path.join(ROOT, "requirements-dev.txt")) as f:
+        found = re.search(rf"^{pattern}==\S+$", f.read(), re.M | re.I)
+    if found is None:
+        raise RuntimeError(f"requirements-dev.txt pins no {name}")
+    return found.group(0)
+
+
 def install_django(home: str) -> None:
     """Django (as pinned for the tests), lite_django and the example app, its database migrated."""
-    with open(os.path.join(ROOT, "requirements-dev.txt")) as f:
-        pin = re.search(r"^django==\S+$", f.read(), re.M).group(0)
-    run([os.path.join(home, "venv", "bin", "pip"), "install", "-q", pin])
+    run([os.path.join(home, "venv", "bin", "pip"), "install", "-q", pin("django")])
     app = os.path.join(home, "app")
     shutil.copytree(os.path.join(ROOT, "lite_django"), os.path.join(app, "lite_django"))
     examples = os.path.join(ROOT, "examples")
@@ -257,6 +423,127 @@ def install_django(home: str) -> None:
     ]
     python = os.path.join(home, "venv", "bin", "python")
     run(["runuser", "-u", "www-data", "--", "env", *settings, python, "-m", "django", "migrate"])
+
+
+def install_sqlalchemy(home: str, apps: list[str]) -> None:
+    """SQLAlchemy, FastAPI, uvicorn and Flask-SQLAlchemy (as pinned), lite_sqlalchemy and the
+    two examples, an entry script and a database with its schema for each of `apps`."""
+    venv = os.path.join(home, "venv", "bin")
+    run([os.path.join(venv, "pip"), "install", "-q", *map(pin, SQLA_PACKAGES)])
+    app_dir = os.path.join(home, "app")
+    for name in SQLA_FILES:
+        shutil.copy(os.path.join(ROOT, name), app_dir)
+    scripts = {app: script for app, script, _ in APPS}
+    for app in apps:
+        module, name, scheme = SQLA_APPS[app]
+        database = os.path.join(app_dir, "data", app.replace("-", "_") + ".db")
+        entry = scripts[app]
+        with open(os.path.join(app_dir, entry), "w") as out:
+            out.write(SQLA_ENTRY.format(url=f"{scheme}:///{database}", module=module, name=name))
+        run(
+            [
+                "runuser",
+                "-u",
+                "www-data",
+                "--",
+                "env",
+                f"PYTHONPATH={app_dir}",
+                os.path.join(venv, "python"),
+                "-c",
+                SQLA_SCHEMA,
+                entry.removesuffix(".py"),
+                module,
+            ],
+            cwd=app_dir,
+        )
+
+
+@contextlib.contextmanager
+def uvicorn(home: str, script: str, synchronous: str) -> Iterator[str]:
+    """The ASGI app `script` under uvicorn --workers 4 as the daemons' user; yields its URL.
+
+    In a session of its own, stopped by its process group: SIGTERM, SIGKILL
+    after STOP_TIMEOUT_S.
+    """
+    port = free_port()
+    app_dir = os.path.join(home, "app")
+    log_path = os.path.join(home, f"uvicorn-{port}.log")
+    argv = [
+        os.path.join(home, "venv", "bin", "uvicorn"),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--workers",
+        str(UVICORN_WORKERS),
+        "--app-dir",
+        app_dir,
+        "--no-access-log",  # Apache logs in its own processes, not in the app's
+        "--log-level",
+        "warning",
+        script.removesuffix(".py") + ":app",
+    ]
+    env = {
+        "PATH": "/usr/bin:/bin",
+        "HOME": app_dir,
+        "LANG": "C.UTF-8",
+        "LC_ALL": "C.UTF-8",
+        "PYTHONPATH": app_dir,
+        "LITE_SYNCHRONOUS": synchronous,
+    }
+    with open(log_path, "w") as log:
+        server = subprocess.Popen(
+            argv,
+            cwd=app_dir,
+            env=env,
+            user="www-data",
+            group="www-data",
+            extra_groups=[],
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_until_serving(base, server, log_path)
+        yield base
+    finally:
+        stop_group(server)
+
+
+def wait_until_serving(base: str, server: subprocess.Popen, log_path: str) -> None:
+    deadline, error = time.monotonic() + START_TIMEOUT_S, None
+    while True:
+        try:
+            with urllib.request.urlopen(f"{base}/lite/get?counter=hits", timeout=5) as res:
+                if res.status == 200:
+                    return
+        except OSError as exc:
+            error = exc
+        if server.poll() is not None or time.monotonic() > deadline:
+            with open(log_path) as f:
+                tail = f.read()[-3000:]
+            raise RuntimeError(f"no answer from {base} (exit {server.poll()}): {error}\n{tail}")
+        time.sleep(0.2)
+
+
+def stop_group(server: subprocess.Popen) -> None:
+    """Stop `server` and every process of its group (its session), by its PID."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(server.pid, signal.SIGTERM)
+    deadline = time.monotonic() + STOP_TIMEOUT_S
+    while time.monotonic() < deadline:
+        server.poll()  # reaped once it has exited; its workers are its to reap
+        try:
+            os.killpg(server.pid, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.1)
+    else:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(server.pid, signal.SIGKILL)
+    server.wait()
 
 
 def free_port() -> int:
@@ -282,14 +569,20 @@ def install_postgres(home: str, env: dict) -> None:
         out.write(PG_APP.format(url=url))
 
 
-def prepare(home: str, port: int, baseline: str | None, django: bool, postgres: bool) -> dict:
-    env = {
+def scratch_env(home: str, port: int) -> dict:
+    """The environment of serve.sh and scripts/postgres.sh for the scratch home."""
+    return {
         **os.environ,
         "LITE_HOME": home,
         "LITE_PORT": str(port),
         "LITE_PG_HOME": os.path.join(home, "postgres"),
         "LITE_PG_PORT": str(free_port()),
     }
+
+
+def prepare(
+    home: str, env: dict, baseline: str | None, django: bool, postgres: bool, sqla: list[str]
+) -> None:
     run([os.path.join(ROOT, "serve.sh"), "install"], env=env)
     app = os.path.join(home, "app")
     if postgres:
@@ -298,6 +591,8 @@ def prepare(home: str, port: int, baseline: str | None, django: bool, postgres: 
         shutil.copy(os.path.join(HERE, name), app)
     if django:
         install_django(home)
+    if sqla:
+        install_sqlalchemy(home, sqla)
     if baseline:
         install_baseline(app, baseline)
         # Its database, empty, as the daemon user: a lite server never creates one.
@@ -314,7 +609,6 @@ def prepare(home: str, port: int, baseline: str | None, django: bool, postgres: 
         "db.execute(\"INSERT OR IGNORE INTO counters VALUES ('hits', 0)\"); db.commit()",
         naive_db,
     )
-    return env
 
 
 def truncate_wals(home: str) -> None:
@@ -340,6 +634,28 @@ def serve(env: dict, script: str, synchronous: str, action: str) -> None:
     )
 
 
+@contextlib.contextmanager
+def served(env: dict, home: str, app: str, script: str, synchronous: str) -> Iterator[str]:
+    """`app` served (by the private Apache, or uvicorn); yields its base URL."""
+    if app in UVICORN_APPS:
+        with uvicorn(home, script, synchronous) as base:
+            yield base
+        return
+    serve(env, script, synchronous, "start")
+    try:
+        yield f"http://127.0.0.1:{env['LITE_PORT']}"
+    finally:
+        serve(env, script, synchronous, "stop")
+
+
+def ratio_of(figures: dict, others: dict, field: str) -> float:
+    """figures[field] / others[field]; inf (nan for 0/0) when the other is 0, as a stock
+    app's run may be: every request of a short run still waiting for a lock."""
+    if others[field]:
+        return figures[field] / others[field]
+    return math.inf if figures[field] else math.nan
+
+
 def summarize(rounds: list[dict]) -> dict:
     """Medians over rounds of each figure, and of each ratio taken within a round."""
     summary = {}
@@ -351,10 +667,10 @@ def summarize(rounds: list[dict]) -> dict:
                 figures[field] = statistics.median(r[app][key][field] for r in rounds)
             for other in ("hello", *COMPARED.get(app, ())):
                 if other in rounds[0]:
-                    ratio = [r[app][key]["req_per_s"] / r[other][key]["req_per_s"] for r in rounds]
+                    ratio = [ratio_of(r[app][key], r[other][key], "req_per_s") for r in rounds]
                     figures[f"ratio_to_{other}"] = round(statistics.median(ratio), 3)
                 if other != "hello" and other in rounds[0] and "p99_ms" in figures:
-                    p99 = [r[app][key]["p99_ms"] / r[other][key]["p99_ms"] for r in rounds]
+                    p99 = [ratio_of(r[app][key], r[other][key], "p99_ms") for r in rounds]
                     figures[f"p99_ratio_to_{other}"] = round(statistics.median(p99), 3)
             if "lost" in figures:
                 figures["lost_total"] = sum(r[app][key]["lost"] for r in rounds)
@@ -435,7 +751,10 @@ def chart(summary: dict, path: str) -> None:
             )
     ax.set_xticks(range(len(apps)), apps)
     ax.set_ylabel("requests/s (wrk, 20 connections, median of rounds)")
-    ax.set_title("lite under Apache + mod_wsgi, processes=20 threads=1")
+    title = "Apache + mod_wsgi, processes=20 threads=1"
+    if set(apps) & set(UVICORN_APPS):
+        title += f"; fastapi*: uvicorn --workers {UVICORN_WORKERS}"
+    ax.set_title(title)
     ax.legend()
     ax.margins(y=0.2)
     fig.tight_layout()
@@ -469,23 +788,27 @@ def main(argv: list[str]) -> int:
     os.chmod(home, 0o755)
     rc = os.path.join(ROOT, "siegerc")
     postgres = any(app[0] == "lite-pg" for app in apps)
-    env = prepare(
-        home, args.port, args.baseline, any(app[0] in DJANGO_APPS for app in apps), postgres
-    )
-    base = f"http://127.0.0.1:{args.port}"
+    env = scratch_env(home, args.port)
     rounds = []
-    try:
+    try:  # the scratch home goes, and its PostgreSQL stops, whatever fails
+        prepare(
+            home,
+            env,
+            args.baseline,
+            any(app[0] in DJANGO_APPS for app in apps),
+            postgres,
+            [app[0] for app in apps if app[0] in SQLA_APPS],
+        )
         for number in range(1, args.rounds + 1):
             results = {}
             for app, script, synchronous in apps:
                 print(f"bench: round {number}: {app}", file=sys.stderr)
-                serve(env, script, synchronous, "start")
                 try:
-                    results[app] = drive(
-                        base, args.seconds, rc, args.siege_requests, counts=app != "hello"
-                    )
+                    with served(env, home, app, script, synchronous) as base:
+                        results[app] = drive(
+                            base, args.seconds, rc, args.siege_requests, counts=app != "hello"
+                        )
                 finally:
-                    serve(env, script, synchronous, "stop")
                     truncate_wals(home)
             rounds.append(results)
     finally:

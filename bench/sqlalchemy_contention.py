@@ -1,11 +1,13 @@
 """SQLAlchemy under contending processes: stock pysqlite against lite's dialect, and the choices.
 
     .venv/bin/python bench/sqlalchemy_contention.py [--processes 16] [--transactions 20]
-        [--hold-ms 20] [--readers 4] [--out bench/sqlalchemy]
+        [--hold-ms 20] [--readers 4] [--workload rmw|update] [--out DIR]
 
 Each of `processes` writer processes runs `transactions` ORM read-modify-
 writes of one counter, as an app writes them: `session.get`, hold the
-transaction `hold-ms` (the rest of a request's work), add 1, `commit`. Beside
+transaction `hold-ms` (the rest of a request's work), add 1, `commit`
+(`--workload update`: an `UPDATE … SET value = value + 1` first, then the
+hold, then `commit`: a write transaction holding the lock). Beside
 them `readers` processes read the counter in a loop until the writers end.
 Every mode runs the same code on a new database file; what differs:
 
@@ -13,8 +15,9 @@ Every mode runs the same code on a new database file; what differs:
   transactions: its SELECT runs outside any transaction).
 - lite-write: `sqlite+lite:///`, the writers' sessions with `lite_write=True`
   (BEGIN IMMEDIATE before the read): the right way.
-- lite-deferred: `sqlite+lite:///` with no option: the read begins a read
-  transaction, the write must upgrade it and is refused when another came first.
+- lite: `sqlite+lite:///` with no option: a read first begins a read
+  transaction, whose write is refused when another came first; a write
+  first begins BEGIN IMMEDIATE.
 - all-immediate: `sqlite+lite:///`, every session with `lite_write=True`,
   the readers' too (Rails 8's choice: every transaction IMMEDIATE).
 
@@ -40,7 +43,7 @@ MODES = {
     # name: (URL scheme, writers' options, readers' options)
     "stock": ("sqlite", {}, {}),
     "lite-write": ("sqlite+lite", {"lite_write": True}, {}),
-    "lite-deferred": ("sqlite+lite", {}, {}),
+    "lite": ("sqlite+lite", {}, {}),
     "all-immediate": ("sqlite+lite", {"lite_write": True}, {"lite_write": True}),
 }
 
@@ -65,7 +68,8 @@ def _model():
     return Base, Counter
 
 
-def writer(url, options, transactions, hold_s, start):
+def writer(url, options, transactions, hold_s, start, workload):
+    from sqlalchemy import update
     from sqlalchemy.orm import Session
 
     _, counter = _model()
@@ -76,9 +80,14 @@ def writer(url, options, transactions, hold_s, start):
         began = time.monotonic()
         try:
             with Session(engine) as session:
-                row = session.get(counter, "hits")
-                time.sleep(hold_s)
-                row.value += 1
+                if workload == "update":
+                    hits = counter.name == "hits"
+                    session.execute(update(counter).where(hits).values(value=counter.value + 1))
+                    time.sleep(hold_s)
+                else:
+                    row = session.get(counter, "hits")
+                    time.sleep(hold_s)
+                    row.value += 1
                 session.commit()
             ok += 1
         except Exception as exc:
@@ -132,7 +141,12 @@ def run_mode(mode, args, directory):
     procs = [
         ctx.Process(
             target=_run_in,
-            args=(writer, (url, writer_options, args.transactions, hold_s, start), results, i),
+            args=(
+                writer,
+                (url, writer_options, args.transactions, hold_s, start, args.workload),
+                results,
+                i,
+            ),
         )
         for i in range(args.processes)
     ]
@@ -203,6 +217,7 @@ def main():
     parser.add_argument("--hold-ms", type=float, default=20)
     parser.add_argument("--readers", type=int, default=4)
     parser.add_argument("--modes", default=",".join(MODES))
+    parser.add_argument("--workload", choices=("rmw", "update"), default="rmw")
     parser.add_argument("--out", help="directory for results.json and results.md")
     args = parser.parse_args()
     rows = []
@@ -211,8 +226,9 @@ def main():
             row = run_mode(mode, args, directory)
             rows.append(row)
             print(json.dumps(row), flush=True)
+    work = "read-modify-writes" if args.workload == "rmw" else "UPDATE-first transactions"
     header = (
-        f"{args.processes} writer processes x {args.transactions} ORM read-modify-writes "
+        f"{args.processes} writer processes x {args.transactions} ORM {work} "
         f"holding the transaction {args.hold_ms:g} ms; {args.readers} reader processes"
     )
     lines = [

@@ -32,7 +32,8 @@ import lite_sqlalchemy
 
 COUNTERS = {"hits": 0, "misses": 0}  # made at startup; the first is the default counter
 
-engine = create_async_engine(os.environ.get("LITE_DATABASE_URL", "sqlite+aiolite:///data/app.db"))
+# serve.sh passes LITE_DATABASE_URL empty when it is not set: empty means the default.
+engine = create_async_engine(os.environ.get("LITE_DATABASE_URL") or "sqlite+aiolite:///data/app.db")
 # Reads begin a read transaction, which never waits for writers. A
 # read-modify-write must hold the write lock from its first read:
 # lite_write=True begins it with BEGIN IMMEDIATE, in its turn.

@@ -36,8 +36,9 @@ class Base(DeclarativeBase):
 
 
 app = flask.Flask(__name__)
-app.config["SQLALCHEMY_DATABASE_URI"] = os.environ.get(
-    "LITE_DATABASE_URL", f"sqlite+lite:///{_HERE}/data/app.db"
+# serve.sh passes LITE_DATABASE_URL empty when it is not set: empty means the default.
+app.config["SQLALCHEMY_DATABASE_URI"] = (
+    os.environ.get("LITE_DATABASE_URL") or f"sqlite+lite:///{_HERE}/data/app.db"
 )
 db = SQLAlchemy(app, model_class=Base)
 

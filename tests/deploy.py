@@ -172,12 +172,13 @@ class Deployment:
             time.sleep(0.1)
         return new
 
-    def warm_up(self, timeout_s=60):
-        """Increments from 20 clients until every daemon holds the database open:
-        each has imported lite and connected, so a timed load after it measures
-        serving, not 20 daemons starting at once."""
+    def warm_up(self, timeout_s=60, db=None):
+        """Increments from 20 clients until every daemon holds the database (`db`,
+        default lite's) open: each has imported the app and connected, so a timed
+        load after it measures serving, not 20 daemons starting at once. Their
+        outcomes are not looked at: a daemon still importing may time a client out."""
         deadline = time.monotonic() + timeout_s
-        while not all(open_count(pid, self.db) for pid in self.daemons()):
+        while not all(open_count(pid, db or self.db) for pid in self.daemons()):
             assert time.monotonic() < deadline, "daemons that never opened the database"
             history.run(self.port, clients=20, requests_each=5)
 

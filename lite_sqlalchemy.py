@@ -70,6 +70,10 @@ WAL_AUTOCHECKPOINT_PAGES = 1000  # SQLite's default: no lite write path here to 
 # The first word of a statement that only reads; anything else begins IMMEDIATE.
 _FIRST_WORD = re.compile(r"(?:\s|\(|--[^\n]*(?:\n|\Z)|/\*.*?\*/)*([A-Za-z]+)", re.S)
 _WRITE_WORDS = re.compile(r"\b(?:INSERT|UPDATE|DELETE|REPLACE)\b", re.I)
+# An app's own BEGIN (SQLAlchemy's documented "begin" event recipe for pysqlite).
+_BEGIN = re.compile(
+    r"\s*BEGIN(?:\s+(DEFERRED|IMMEDIATE|EXCLUSIVE))?(?:\s+TRANSACTION)?\s*;?\s*\Z", re.I
+)
 _ONCE_TABLE = (
     "CREATE TABLE IF NOT EXISTS lite_once ("
     " name TEXT PRIMARY KEY, done_at REAL NOT NULL, pid INTEGER NOT NULL) STRICT"
@@ -85,6 +89,7 @@ class LiteConnection(lite_db.Connection):
         super().__init__(path, *args, **kwargs)
         self.autocommit = False  # SQLAlchemy's AUTOCOMMIT isolation level: no BEGIN at all
         self.begin_pending = False  # SQLAlchemy began; BEGIN waits for the first statement
+        self.begin_write = False  # the app's own BEGIN IMMEDIATE/EXCLUSIVE asked for a write
         self.transaction: str | None = None  # "read" or "write", as begun here
         self.queued = False  # holds a place in the write queue
 
@@ -158,6 +163,7 @@ def _leave_queue(raw: LiteConnection) -> None:
 def _ended(raw: LiteConnection) -> None:
     """After COMMIT or ROLLBACK: the next transaction begins afresh."""
     raw.begin_pending = False
+    raw.begin_write = False
     raw.transaction = None
     _leave_queue(raw)
 
@@ -274,10 +280,19 @@ class LiteDialect(SQLiteDialect_pysqlite):
             return
         dbapi_connection = context.root_connection.connection.dbapi_connection
         raw = self.raw(dbapi_connection)
+        if raw.transaction is None and not raw.autocommit and (begin := _BEGIN.match(statement)):
+            # The app begins itself (e.g. a "begin" event listener, as SQLAlchemy's
+            # docs advise for the stock driver): lite's BEGIN replaces it, still at
+            # the first statement; IMMEDIATE or EXCLUSIVE asks for a write.
+            raw.begin_pending = True
+            mode = (begin.group(1) or "DEFERRED").upper()
+            raw.begin_write = raw.begin_write or mode != "DEFERRED"
+            return
         if raw.begin_pending:
             raw.begin_pending = False
             options = context.execution_options
-            write = bool(options.get(WRITE_OPTION)) or not _reads(statement, context)
+            write = raw.begin_write or bool(options.get(WRITE_OPTION))
+            write = write or not _reads(statement, context)
             budget = int(options.get(BUDGET_OPTION, lite_db.LOCK_BUDGET_MS))
             self._on_raw(dbapi_connection, _begin, write, budget)
         try:

@@ -338,3 +338,26 @@ def test_a_failed_write_leaves_the_queue(db):
         session.commit()
     assert sqla_workers.read_modify_write(engine, 3) == (3, 0)
     assert os.path.exists(engine.url.database + lite_db.QUEUE_SUFFIX)
+
+
+@pytest.mark.parametrize("begin", ["BEGIN", "BEGIN IMMEDIATE"])
+def test_an_apps_own_begin_listener_gives_way_to_lites(db, begin):
+    """SQLAlchemy's docs advise a "begin" listener emitting BEGIN for the stock driver;
+    an app that keeps it after switching still gets lite's begin, IMMEDIATE if it asked."""
+    path, engine = db
+
+    @sqlalchemy.event.listens_for(engine, "begin")
+    def own_begin(conn):
+        conn.exec_driver_sql(begin)
+
+    assert sqla_workers.read_modify_write(engine, 3) == (3, 0)
+    held = HeldLock(path)
+    try:
+        reader = engine.execution_options(lite_lock_budget_ms=200)
+        if begin == "BEGIN":
+            assert sqla_workers.value(reader) == 3  # still a read: no wait
+        else:
+            with pytest.raises(lite_db.Unavailable, match="write failed"):
+                sqla_workers.value(reader)  # a write begin, through lite's bounded wait
+    finally:
+        held.rollback()

@@ -24,7 +24,8 @@ Contract:
   (lite_db.retrying), bounded by LOCK_BUDGET_MS. The execution option
   `lite_write=True` (on an engine, connection or session) makes every
   transaction begin IMMEDIATE, reads first included: that is how a
-  read-modify-write is made exact (docs/integrations.md).
+  read-modify-write is made exact (docs/integrations.md); so does a first
+  `SELECT … FOR UPDATE` (`with_for_update()`, a clause SQLite drops).
 - A transaction that read first and then writes must take the lock from a
   snapshot: if another write committed or holds the lock meanwhile, SQLite
   refuses at once (SQLITE_BUSY / BUSY_SNAPSHOT) rather than lose an update.
@@ -37,8 +38,10 @@ Contract:
   engine/connection; `run_once` uses a long one so that workers wait for a
   migration.
 - Across fork (prefork servers, gunicorn --preload): a pooled connection
-  made by another process is never used or closed; it is kept referenced by
-  the dialect and the pool opens a new one.
+  made by another process is never used or closed (not at checkout, nor
+  when the pool recycles or disposes of it); it is kept referenced by the
+  dialect and the pool opens a new one. A connection invalidated after a
+  failed BEGIN goes alone; the rest of the pool stays.
 - `run_once(engine, name, job)` (and `run_once_async`) runs a one-time job,
   e.g. `metadata.create_all`, exactly once across every process that calls
   it for the database, the others waiting for it.
@@ -131,9 +134,9 @@ def _begin(raw: LiteConnection, write: bool, budget_ms: int) -> None:
         return
     asked = time.monotonic()
     deadline = asked + budget_ms / 1000
-    raw.queued = raw.queue.enter(deadline)
-    raw.execute(f"PRAGMA busy_timeout = {lite_db.BUSY_POLL_MS}")
     try:
+        raw.queued = raw.queue.enter(deadline)
+        raw.execute(f"PRAGMA busy_timeout = {lite_db.BUSY_POLL_MS}")
         lite_db.retrying(raw, lambda: raw.execute("BEGIN IMMEDIATE"), raw.figures, deadline)
     except sqlite3.Error as error:
         _leave_queue(raw)
@@ -155,9 +158,9 @@ def _begin(raw: LiteConnection, write: bool, budget_ms: int) -> None:
 
 
 def _leave_queue(raw: LiteConnection) -> None:
-    if raw.queued:
-        raw.queued = False
-        raw.queue.leave()
+    """Let the next writer in; also a slot taken by a wait that then raised."""
+    raw.queued = False
+    raw.queue.leave()
 
 
 def _ended(raw: LiteConnection) -> None:
@@ -212,6 +215,13 @@ class LiteDialect(SQLiteDialect_pysqlite):
         """The sqlite3 connection under a DBAPI connection (or a pool's proxy of one)."""
         return getattr(dbapi_connection, "dbapi_connection", dbapi_connection)
 
+    def raw_if_open(self, dbapi_connection: Any) -> LiteConnection | None:
+        """raw(), or None once the connection is closed (aiosqlite then has none)."""
+        try:
+            return self.raw(dbapi_connection)
+        except ValueError:
+            return None
+
     def _on_raw(self, dbapi_connection: Any, fn: Callable[..., Any], *args: Any) -> Any:
         """fn(raw, *args) on the connection's own thread."""
         return fn(self.raw(dbapi_connection), *args)
@@ -247,16 +257,39 @@ class LiteDialect(SQLiteDialect_pysqlite):
         raw.begin_pending = not raw.autocommit
 
     def do_commit(self, dbapi_connection: Any) -> None:
+        raw = self.raw_if_open(dbapi_connection)
         try:
             super().do_commit(dbapi_connection)
         finally:
-            _ended(self.raw(dbapi_connection))
+            if raw is not None:
+                _ended(raw)
 
     def do_rollback(self, dbapi_connection: Any) -> None:
+        raw = self.raw_if_open(dbapi_connection)
         try:
             super().do_rollback(dbapi_connection)
         finally:
-            _ended(self.raw(dbapi_connection))
+            if raw is not None:
+                _ended(raw)
+
+    def do_close(self, dbapi_connection: Any) -> None:
+        if self._inherited(dbapi_connection):
+            return
+        super().do_close(dbapi_connection)
+
+    def do_terminate(self, dbapi_connection: Any) -> None:
+        if self._inherited(dbapi_connection):
+            return
+        super().do_terminate(dbapi_connection)
+
+    def _inherited(self, dbapi_connection: Any) -> bool:
+        """Whether another process made it: then it is kept, never closed here (a pool
+        closes connections it recycles, disposes of or fails to ping before checkout)."""
+        raw = self.raw_if_open(dbapi_connection)
+        if raw is None or raw.pid == os.getpid():
+            return False
+        self.inherited.append(dbapi_connection)
+        return True
 
     def do_execute(self, cursor: Any, statement: str, parameters: Any, context: Any = None) -> None:
         self._run(lambda: cursor.execute(statement, parameters), statement, context)
@@ -315,7 +348,8 @@ def _reads(statement: str, context: Any) -> bool:
         return False
     compiled = context.compiled
     if compiled is not None and getattr(compiled.statement, "is_select", False):
-        return True
+        # SELECT … FOR UPDATE (SQLite drops the clause): the read of a read-modify-write.
+        return getattr(compiled.statement, "_for_update_arg", None) is None
     return is_read(statement)
 
 
@@ -352,6 +386,7 @@ def _unavailable(context: Any) -> Exception | None:
         return None
     if isinstance(error, _BeginFailed):
         context.is_disconnect = True  # the pool closes it: never reused half-open
+        context.invalidate_pool_on_disconnect = False  # only it: the others are sound
         reason = f"write failed: {error}"
     elif isinstance(error, _WriteAfterRead):
         reason = f"write failed: {error}"

@@ -2,6 +2,7 @@
 
 import asyncio
 import os
+import sqlite3
 import time
 
 import sqlalchemy
@@ -86,7 +87,19 @@ def increment_after_fork(engine, times):
         pids.add(dbapi_connection.pid)
 
     ok, refused = read_modify_write(engine, times)
-    return ok, refused, sorted(pids), len(engine.dialect.inherited), os.getpid()
+    inherited = list(engine.dialect.inherited)
+    engine.dispose()  # closes what the pool holds: never the parent's
+    return ok, refused, sorted(pids), len(inherited), os.getpid(), _all_open(inherited)
+
+
+def _all_open(connections):
+    """Whether none of these sqlite3 connections was closed (a read of its state, no SQL)."""
+    try:
+        for connection in connections:
+            _ = connection.in_transaction
+    except sqlite3.ProgrammingError:
+        return False
+    return True
 
 
 def run_once_rounds(directory, rounds, barrier, log_path):

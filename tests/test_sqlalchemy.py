@@ -149,6 +149,47 @@ def test_past_the_budget_unavailable_and_the_connection_is_closed_never_reused(d
     assert sqla_workers.value(engine) == 0
 
 
+def test_one_begin_past_the_budget_does_not_reopen_the_whole_pool(db):
+    path, engine = db
+    connects = []
+    sqlalchemy.event.listen(engine, "connect", lambda *args: connects.append(1))
+    pooled = [engine.connect() for _ in range(3)]
+    for conn in pooled:
+        conn.exec_driver_sql("SELECT 1")
+        conn.close()
+    held = HeldLock(path)
+    try:
+        with engine.connect() as conn, pytest.raises(lite_db.Unavailable):
+            conn.execution_options(lite_lock_budget_ms=50).exec_driver_sql("DELETE FROM counters")
+    finally:
+        held.rollback()
+    before = len(connects)
+    again = [engine.connect() for _ in range(3)]
+    for conn in again:
+        conn.exec_driver_sql("SELECT 1")
+        conn.close()
+    assert len(connects) - before <= 1  # the failed one replaced, the others kept
+
+
+def test_select_for_update_begins_a_write(db):
+    """The usual read-modify-write idiom of other databases needs no lite option."""
+    path, engine = db
+    locked = sqlalchemy.select(Counter).where(Counter.name == "hits").with_for_update()
+    held = HeldLock(path)
+    try:
+        with (
+            Session(engine.execution_options(lite_lock_budget_ms=200)) as session,
+            pytest.raises(lite_db.Unavailable, match="write failed"),
+        ):
+            session.execute(locked)  # waits for the lock, as a write
+    finally:
+        held.rollback()
+    with Session(engine) as session:
+        session.execute(locked).scalar_one().value += 1
+        session.commit()
+    assert sqla_workers.value(engine) == 1
+
+
 def test_a_read_then_write_that_lost_the_race_is_refused_not_lost(db):
     path, engine = db
     with Session(engine) as session:
@@ -236,10 +277,11 @@ def test_a_forked_child_never_uses_or_closes_the_parents_connections(db):
             child.join(timeout=10)
             if child.is_alive():
                 child.kill()
-    for ok, refused, pids, inherited, child in outcomes:
+    for ok, refused, pids, inherited, child, still_open in outcomes:
         assert (ok, refused) == (25, 0)
         assert pids == [child]  # every connection it used, its own
         assert inherited >= 1  # the parent's, set aside
+        assert still_open  # and not closed by the child's engine.dispose()
     with engine.connect() as conn:
         assert conn.connection.dbapi_connection is parent_raw  # still open, still the parent's
         assert conn.exec_driver_sql("SELECT value FROM counters").scalar() == 100

@@ -233,12 +233,11 @@ class LiteDialect(SQLiteDialect_pysqlite):
 
     def refuse_inherited(self, dbapi_connection: Any, record: Any, proxy: Any) -> None:
         """At checkout: a connection made by another process is set aside, a new one opened."""
-        raw = self.raw(dbapi_connection)
-        if raw.pid == os.getpid():
+        if not self._inherited(dbapi_connection):
             return
-        self.inherited.append(dbapi_connection)
         record.dbapi_connection = proxy.dbapi_connection = None
-        raise exc.DisconnectionError(f"connection made by process {raw.pid}: a new one is opened")
+        maker = self.raw(dbapi_connection).pid
+        raise exc.DisconnectionError(f"connection made by process {maker}: a new one is opened")
 
     # -- isolation: the driver stays in autocommit; BEGIN is ours -----------
 

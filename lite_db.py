@@ -82,6 +82,8 @@ WAL_HEADER_BYTES = 32  # the -wal file starts with a 32-byte header; salts at by
 SPLIT_CHECK_S = 0.1  # 100 ms: how long a new connection looks before calling its files split
 DATABASE_FILE_SUFFIXES = ("", "-wal", "-shm")
 QUEUE_SUFFIX = "-queue"  # the write queue's file, beside the database
+REFUSED_SUFFIX = "-refused"  # present: the database was removed or replaced while in use
+SIDECAR_SUFFIXES = (QUEUE_SUFFIX, REFUSED_SUFFIX)  # lite's own files beside the database
 QUEUE_SLOTS = 4096  # tickets in the write queue's ring; a wrapped-over slot skips the queue
 SYNCHRONOUS_MODES = ("NORMAL", "FULL")
 SQLITE_NEEDED = (3, 37, 0)  # RETURNING came in 3.35, STRICT tables in 3.37
@@ -813,7 +815,16 @@ def _refuse(conn: Connection, reason: str, wrote_since: bool) -> None:
 
 def refusal_marker(path: str) -> str:
     """The file whose presence makes every process refuse `path` (serve.sh restore removes it)."""
-    return path + "-refused"
+    return path + REFUSED_SUFFIX
+
+
+def database_files(path: str) -> tuple[str, ...]:
+    """Every file a database at `path` may have: itself first, then those beside it.
+
+    SQLite's -wal and -shm, lite's write queue and refusal mark. Removing or
+    replacing a database means all of them (`lite files DB` prints them).
+    """
+    return tuple(path + suffix for suffix in (*DATABASE_FILE_SUFFIXES, *SIDECAR_SUFFIXES))
 
 
 def refusal(path: str) -> str | None:

@@ -6,7 +6,7 @@ Routes (the app is mounted at the server root):
 - GET  /lite/get?counter=N   {"counter": N, "value": V}
 - GET  /lite/health          {"status": "ok"}, or 503 with the reason, when
                              the database cannot be read or written in time
-- GET  /lite/stats           the metrics' figures, summed over every server
+- GET  /lite/stats           the metrics' totals, summed over every server
                              process, and the database's (docs/operations.md)
 - GET  /lite/live            {"status": "alive", "pid": P}: the process
                              answers (no database, no config.ini)
@@ -50,26 +50,32 @@ import bottle
 import lite_config
 import lite_counters
 import lite_db
+import lite_engine
 import lite_metrics
 import lite_ops
 import lite_page
 
 # Relative to the directory the server runs in (mod_wsgi's home=, gunicorn's --chdir).
-DEFAULT_DB_PATH = os.path.join("data", "lite.db")
+DEFAULT_DB_PATH = lite_ops.DEFAULT_DB_PATH
 DEFAULT_CONFIG_PATH = "config.ini"
-MAX_BY = 1_000_000  # largest step of one increment
 MAX_BODY_BYTES = 64 * 1024  # 64 KiB: a larger body is refused (413), as Apache does
 FORM = "application/x-www-form-urlencoded"  # the one body type lite reads
-RETRY_AFTER_S = 1  # 1 s: what a 503 asks the client to wait
+RETRY_AFTER_S = lite_counters.RETRY_AFTER_S  # 1 s: what a 503 asks the client to wait
 ERROR_CODES = (400, 403, 404, 405, 409, 413, 415, 422, 500, 502, 503)
-_BY = re.compile(r"[1-9][0-9]{0,6}\Z")
 _DIGITS = re.compile(r"[0-9]{1,19}\Z")
-_IDEMPOTENCY_KEY = re.compile(r"[A-Za-z0-9_.:-]{1,128}\Z")
+# lite_counters.ERRORS about what a request asked: the routes answer these,
+# the plugin lite_db's.
+_REFUSALS = (
+    lite_counters.BadInput,
+    lite_counters.NoSuchCounter,
+    lite_counters.WouldOverflow,
+    lite_counters.KeyReused,
+)
 
 log = logging.getLogger(__name__)
 
-# Rows of the page's "Live figures": label, key in /lite/stats, format.
-PAGE_FIGURES = (
+# Rows of the page's live table: label, key in /lite/stats, format.
+PAGE_STATS = (
     ("requests served", "totals.requests", ""),
     ("writes", "totals.writes", ""),
     ("failed writes", "totals.write_failures", ""),
@@ -85,15 +91,15 @@ PAGE_FIGURES = (
 )
 
 
-def _pick(figures: dict[str, Any], key: str) -> Any:
-    """figures["a"]["b"] for key "a.b"."""
+def _pick(stats: dict[str, Any], key: str) -> Any:
+    """stats["a"]["b"] for key "a.b"."""
     for part in key.split("."):
-        figures = figures.get(part) if isinstance(figures, dict) else None
-    return figures
+        stats = stats.get(part) if isinstance(stats, dict) else None
+    return stats
 
 
 def _show(value: Any, format_: str) -> str:
-    """A figure as the page shows it; the page's script takes it from the page."""
+    """A value as the page shows it; the page's script takes it from the page."""
     if value is None:
         return "never" if format_ == "time" else "unavailable"
     if format_ == "bytes":
@@ -110,20 +116,17 @@ def _json(status: int, body: dict[str, Any], **headers: Any) -> bottle.HTTPRespo
     return bottle.HTTPResponse(json.dumps(body), status=status, **headers)
 
 
-def _unavailable(error: str = "database busy, retry later", **headers: Any) -> bottle.HTTPResponse:
+def _answer(exc: Exception) -> bottle.HTTPResponse:
+    """lite's answer to one of lite_counters.ERRORS, as lite_counters.answer_for says."""
+    status, error, headers = lite_counters.answer_for(exc)
+    return _json(status, {"error": error}, **headers)
+
+
+def _unavailable(
+    error: str = lite_counters.UNAVAILABLE_TEXT, **headers: Any
+) -> bottle.HTTPResponse:
     """503 with Retry-After: what cannot be reached in time, said as JSON."""
     return _json(503, {"error": error}, **{"Retry-After": str(RETRY_AFTER_S)}, **headers)
-
-
-def _outcome_unknown() -> bottle.HTTPResponse:
-    """502: the database connection was lost under COMMIT (lite_pg); maybe applied, maybe not."""
-    return _json(
-        502,
-        {
-            "error": "outcome unknown: the database connection was lost while committing;"
-            " read the value back, or repeat the request with the same Idempotency-Key"
-        },
-    )
 
 
 def _json_error(err: bottle.HTTPError) -> str:
@@ -199,21 +202,9 @@ def _form_body() -> str:
         raise _json(400, {"error": "parameters must be percent-encoded UTF-8"}) from None
 
 
-def _counter_name(params: dict[str, str]) -> str | None:
-    """The counter a request names; None for the first configured one."""
-    name = params.get("counter")
-    if name is not None and not lite_config.COUNTER_NAME.match(name):
-        raise _json(400, {"error": "counter: use 1-64 of a-z, 0-9, _ and -"})
-    return name
-
-
-def _by(params: dict[str, str]) -> int:
-    text = params.get("by")
-    if text is None:
-        return 1
-    if not _BY.match(text) or int(text) > MAX_BY:
-        raise _json(400, {"error": f"by: a whole number from 1 to {MAX_BY}"})
-    return int(text)
+def _values(params: dict[str, str], name: str) -> list[str]:
+    """A parameter's values, as lite_counters' input rules take them (_params: at most one)."""
+    return [params[name]] if name in params else []
 
 
 def _check_same_origin() -> None:
@@ -253,25 +244,20 @@ def _header(name: str) -> str | None:
     return bottle.request.environ.get("HTTP_" + name.upper().replace("-", "_"))
 
 
-def _idempotency_key() -> str | None:
-    key = _header("Idempotency-Key")
-    if key is not None and not _IDEMPOTENCY_KEY.match(key):
-        raise _json(400, {"error": "Idempotency-Key: use 1-128 of A-Z, a-z, 0-9, _ . : -"})
-    return key
+def _increment(cur: sqlite3.Cursor, params: dict[str, str], key: str | None = None) -> dict:
+    """Increment as `params` (counter, by) ask, once per key if a key is given.
 
-
-def _no_counter(name: str | None) -> bottle.HTTPResponse:
-    if name is None:
-        return _json(404, {"error": "no counters configured"})
-    return _json(404, {"error": f"no counter {name!r}"})
-
-
-def _increment(cur: sqlite3.Cursor, name: str | None, by: int, key: str | None = None) -> dict:
-    """Increment, once per key if a key is given: {"counter": name, "value": new or stored}."""
+    Returns {"counter": name, "value": new or stored}. A broken input rule or
+    a refusal (_REFUSALS) is answered as lite_counters.answer_for says;
+    lite_db's errors go on to the plugin.
+    """
     try:
+        name = lite_counters.counter_name_from(_values(params, "counter"))
+        by = lite_counters.step_from(_values(params, "by"))
         if key is None:
             name, value = lite_counters.increment(cur, name, by)
         else:
+            lite_counters.check_idempotency_key(key)
             try:
                 name, value, replayed = lite_counters.increment_once(cur, name, by, key)
             except lite_db.OutcomeUnknown:
@@ -279,13 +265,8 @@ def _increment(cur: sqlite3.Cursor, name: str | None, by: int, key: str | None =
                 name, value, replayed = lite_counters.increment_once(cur, name, by, key)
             if replayed:
                 bottle.response.set_header("Idempotent-Replayed", "true")
-    except lite_counters.NoSuchCounter:
-        raise _no_counter(name) from None
-    except lite_counters.WouldOverflow:
-        counter = name or "the first counter"
-        raise _json(409, {"error": f"{counter} would pass {lite_counters.MAX_INTEGER}"}) from None
-    except lite_counters.KeyReused as exc:
-        raise _json(422, {"error": str(exc)}) from None
+    except _REFUSALS as exc:
+        raise _answer(exc) from None
     return {"counter": name, "value": value}
 
 
@@ -304,22 +285,15 @@ class LitePlugin:
 
     def __init__(
         self,
-        db_path: str,
+        database: str,
         config_path: str,
         keyword: str = "db",
         create_database: bool = False,
-        database_url: str | None = None,
     ) -> None:
-        self.db_path = db_path
-        self.database_url = database_url
-        self.postgres = None  # lite_pg when a database URL is set (psycopg: only then)
-        if database_url:
-            import lite_pg
-
-            self.postgres = lite_pg
+        self.database = database  # a SQLite file's path or a database server's URL
+        self.cursor = lite_engine.opener(database, create=create_database)
         self.config_path = config_path
         self.keyword = keyword
-        self.create_database = create_database
         self.config = lite_config.ConfigWatcher(config_path)
 
     def setup(self, app: bottle.Bottle) -> None:
@@ -327,20 +301,14 @@ class LitePlugin:
             if isinstance(other, LitePlugin) and other.keyword == self.keyword:
                 raise bottle.PluginError(f"another plugin already provides {self.keyword!r}")
 
-    def cursor(self) -> Any:
-        """A new cursor: on PostgreSQL if a database URL is set, else on SQLite."""
-        if self.postgres is not None:
-            return self.postgres.cursor(self.database_url)
-        return lite_db.cursor(self.db_path, create=self.create_database)
-
     def apply(self, callback: Callable[..., Any], route: bottle.Route) -> Callable[..., Any]:
         wants_cursor = self.keyword in route.get_callback_args()
 
         def wrapper(*args: Any, **kwargs: Any) -> Any:
             try:
                 cur = self.cursor()
-            except lite_db.Unavailable:
-                raise _unavailable() from None
+            except lite_db.Unavailable as exc:
+                raise _answer(exc) from None
             try:
                 try:  # noqa: SIM105 - a plain try costs less than suppress() on every request
                     self.config.refresh(cur)
@@ -349,35 +317,31 @@ class LitePlugin:
                 if wants_cursor:
                     kwargs[self.keyword] = cur
                 return callback(*args, **kwargs)
-            except lite_db.Unavailable:
-                raise _unavailable() from None
-            except lite_db.OutcomeUnknown:
-                raise _outcome_unknown() from None
+            except (lite_db.Unavailable, lite_db.OutcomeUnknown) as exc:
+                raise _answer(exc) from None
             finally:
                 cur.close()
 
         return wrapper
 
-    def close(self) -> None:
-        pass
-
 
 def _stats(metrics: lite_metrics.Metrics, cur: sqlite3.Cursor) -> dict[str, Any]:
-    """The metrics' figures, summed over every process that served, and the database's.
+    """The metrics' totals over every process that served, and the database's settings.
 
-    When the metrics cannot be summed, their figures are null and
+    When the metrics cannot be summed, their totals are null and
     "metrics_unavailable" says why; the database's are there all the same.
     """
     stats: dict[str, Any] = {"answered_by": os.getpid(), "generated_at": time.time()}
-    database = lite_ops.database_figures(cur)
+    engine = cur.connection.engine
+    database = engine.describe(cur)
     try:
-        figures = metrics.totals(getattr(cur.connection, "path", None))  # None: not SQLite
+        summed = metrics.totals(cur.connection.path if engine.features.local_files else None)
     except lite_metrics.MetricsUnavailable as exc:
         stats.update(process_count=None, totals=None, metrics_unavailable=str(exc))
         database["last_checkpoint_at"] = None
     else:
-        stats.update(process_count=figures["processes"], totals=figures["totals"])
-        database["last_checkpoint_at"] = figures["last_checkpoint_at"]
+        stats.update(process_count=summed["processes"], totals=summed["totals"])
+        database["last_checkpoint_at"] = summed["last_checkpoint_at"]
     stats["database"] = database
     return stats
 
@@ -431,10 +395,8 @@ def make_app(
         config_path or os.environ.get("LITE_CONFIG_PATH") or DEFAULT_CONFIG_PATH
     )
     page_template = bottle.SimpleTemplate(source=lite_page.PAGE)
-    database_url = database_url or os.environ.get("LITE_DATABASE_URL") or None
-    plugin = LitePlugin(
-        db_path, config_path, create_database=create_database, database_url=database_url
-    )
+    database = database_url or os.environ.get("LITE_DATABASE_URL") or db_path
+    plugin = LitePlugin(database, config_path, create_database=create_database)
     app = bottle.Bottle()
     # Routes find the plugin here: a route closing over a plain value would
     # hang bottle 0.13's Route.get_undecorated_callback (see tests/test_app.py).
@@ -455,32 +417,33 @@ def make_app(
     def page(db: sqlite3.Cursor) -> str:
         lite_counters.ensure_counters(db)
         counters = lite_db.query(db, "SELECT name, value FROM counters ORDER BY position")
-        figures = _stats(bottle.request.app.config["lite.metrics"], db)
+        stats = _stats(bottle.request.app.config["lite.metrics"], db)
         bottle.response.set_header("Cache-Control", "no-store")
         return bottle.request.app.config["lite.page"].render(
             counters=[tuple(row) for row in counters],
             version=_version_shown(lite_config.applied_version(db)),
-            figures=[
-                (label, key, _show(_pick(figures, key), format_))
-                for label, key, format_ in PAGE_FIGURES
+            stats=[
+                (label, key, _show(_pick(stats, key), format_))
+                for label, key, format_ in PAGE_STATS
             ],
-            process_count=_show(figures["process_count"], ""),
+            process_count=_show(stats["process_count"], ""),
             pid=os.getpid(),
         )
 
     @app.post("/lite")
     def page_increment(db: sqlite3.Cursor) -> None:
         _check_same_origin()
-        _increment(db, _counter_name(_params(("counter",))), 1)
+        _increment(db, _params(("counter",)))
         bottle.redirect("/lite", 303)
 
     @app.get("/lite/get")
     def get_counter(db: sqlite3.Cursor) -> dict[str, Any]:
-        name = _counter_name(_params(("counter",)))
+        params = _params(("counter",))
         try:
+            name = lite_counters.counter_name_from(_values(params, "counter"))
             name, value = lite_counters.read_counter(db, name)
-        except lite_counters.NoSuchCounter:
-            raise _no_counter(name) from None
+        except _REFUSALS as exc:
+            raise _answer(exc) from None
         return {"counter": name, "value": value}
 
     @app.get("/lite/live", skip=[plugin])
@@ -515,7 +478,7 @@ def make_app(
         config = bottle.request.app.config
         plugin = config["lite.plugin"]
         try:
-            text = config["lite.metrics"].render(None if plugin.database_url else plugin.db_path)
+            text = config["lite.metrics"].render(lite_engine.local_path(plugin.database))
         except lite_metrics.MetricsUnavailable as exc:
             raise _unavailable(
                 f"metrics unavailable: {exc}", **{"Cache-Control": "no-store"}
@@ -526,10 +489,7 @@ def make_app(
     @app.post("/lite/inc")
     def increment(db: sqlite3.Cursor) -> dict[str, Any]:
         _check_same_origin()
-        params = _params(("counter", "by"))
-        name = _counter_name(params)
-        by = _by(params)
-        return _increment(db, name, by, _idempotency_key())
+        return _increment(db, _params(("counter", "by")), _header("Idempotency-Key"))
 
     return app
 

@@ -24,11 +24,12 @@ Contract:
   without blocking; a byte order mark is accepted. The settle time is not waited
   out while no version was ever applied to the database (a new database): a
   file that stays the same across the read and parses is applied at once.
-- On a database shared by several machines (lite_pg: PostgreSQL), each
-  holds its own copy of the file with its own mtime, so there a version is
-  the content alone: a new content is applied once in total, a `touch` is
-  not a version. `apply_now(..., again=True)` (`lite apply-config --again`)
-  applies the file even if its version is applied already.
+- On a database shared by several machines (its engine's feature
+  `shared_by_machines`: lite_pg's PostgreSQL), each holds its own copy of
+  the file with its own mtime, so there a version is the content alone: a
+  new content is applied once in total, a `touch` is not a version.
+  `apply_now(..., again=True)` (`lite apply-config --again`) applies the
+  file even if its version is applied already.
 - The state lives in the database's own tables, `lite_config_state` (the
   applied version) and `lite_config_audit` (one row per application),
   created on first use beside the demo's `counters`.
@@ -52,11 +53,11 @@ from typing import Any
 
 import lite_counters
 import lite_db
+import lite_engine
 
 CONFIG_MAX_BYTES = 64 * 1024  # 64 KiB: a larger file is refused
 SETTLE_S = 1.0  # 1 s: a file modified more recently may still be being written
 MAX_COUNTERS = 100
-COUNTER_NAME = lite_counters.COUNTER_NAME
 _INTEGER = re.compile(r"-?[0-9]{1,19}\Z")
 
 TABLES = (
@@ -108,7 +109,7 @@ def parse(data: bytes) -> dict[str, int]:
         raise ConfigError(f"expected exactly one section [counters], got {parser.sections()}")
     counters = {}
     for name, value in parser.items("counters"):
-        if not COUNTER_NAME.match(name):
+        if not lite_counters.COUNTER_NAME.match(name):
             raise ConfigError(f"bad counter name {name!r}: use a-z, 0-9, _ and -")
         if not _INTEGER.match(value) or not -(2**63) <= int(value) <= lite_counters.MAX_INTEGER:
             raise ConfigError(f"counter {name!r}: {value!r} is not a 64-bit integer")
@@ -218,17 +219,13 @@ def _ensure_tables(cur: sqlite3.Cursor) -> None:
 class ConfigWatcher:
     """Applies one config file to the database once per version; one per process and file.
 
-    Keeps what this process last saw of the file, and how many changes it
-    checked, applied and rejected (`figures()`).
+    Keeps what this process last saw of the file.
     """
 
     def __init__(self, path: str) -> None:
         self.path = path
         self.seen: Any = _NOT_SEEN  # (mtime_ns, size, inode), or None: could not stat
         self.future: tuple[str, float] | None = None  # a future-dated version, first read when
-        self.checks = 0
-        self.applied = 0
-        self.rejected = 0
 
     def _settled_in_the_future(self, fingerprint: str) -> bool:
         """True once a file dated in the future has read the same for SETTLE_S.
@@ -243,13 +240,6 @@ class ConfigWatcher:
             return False
         return now - self.future[1] >= SETTLE_S
 
-    def figures(self) -> dict[str, int]:
-        return {
-            "config_checks": self.checks,
-            "config_applied": self.applied,
-            "config_rejected": self.rejected,
-        }
-
     def refresh(self, cur: sqlite3.Cursor, force: bool = False, again: bool = False) -> str:
         """Apply the file if it changed since this process last looked.
 
@@ -263,7 +253,6 @@ class ConfigWatcher:
         key = _stat_key(self.path)
         if not force and self.seen == key:
             return "unchanged"
-        self.checks += 1
         _ensure_tables(cur)
         try:
             read = _read_unchanged(self.path)
@@ -271,10 +260,10 @@ class ConfigWatcher:
                 return "unsettled"
             key, age_s, data = read
             digest = hashlib.sha256(data).hexdigest()
-            if getattr(cur, "engine", "sqlite") == "sqlite":
+            if cur.connection.engine.features.shared_by_machines:
+                fingerprint = f"content-{digest}"  # each machine's copy has its own mtime
+            else:
                 fingerprint = f"{key[0]}-{key[1]}-{digest}"
-            else:  # shared by machines, whose copies differ in mtime
-                fingerprint = f"content-{digest}"
             # A file modified less than SETTLE_S ago may still be being
             # written: it waits, unless it parses and the database has no
             # version yet (an app's first start should not answer "no
@@ -299,7 +288,6 @@ class ConfigWatcher:
                 return _reject(cur, fingerprint)
 
             if lite_db.write(cur, reject_config) == "new":
-                self.rejected += 1
                 lite_db.notify("config_rejected")
                 log.error("config %s not applied, keeping the last good one: %s", self.path, exc)
             self.seen = key
@@ -313,7 +301,6 @@ class ConfigWatcher:
             return outcome
         self.seen = key
         if outcome == "applied":
-            self.applied += 1
             lite_db.notify("config_applied")
             log.info("config %s applied: %s", self.path, fingerprint)
             if age_s < 0:
@@ -347,12 +334,7 @@ def apply_now(database: str, config_path: str, again: bool = False) -> str:
     `again`: apply even if this version is applied already. For the command
     line (`lite apply-config`). Raises lite_db.Unavailable.
     """
-    if database.startswith(("postgresql://", "postgres://")):
-        import lite_pg  # psycopg: only where PostgreSQL is used
-
-        cur: Any = lite_pg.cursor(database)
-    else:
-        cur = lite_db.cursor(database)
+    cur = lite_engine.cursor(database)
     try:
         return ConfigWatcher(config_path).refresh(cur, force=True, again=again)
     finally:

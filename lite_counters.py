@@ -14,11 +14,15 @@ Contract:
   (logged and counted there); NoSuchCounter, WouldOverflow and KeyReused for
   what the caller asked, with nothing written; ValueError for a step that is
   not an int from 1 to MAX_INTEGER.
-- A request's input rules, for apps built on other ORMs (the SQLAlchemy
-  examples): `counter_name_from`, `step_from` and `check_idempotency_key`
-  raise BadInput, whose text says the rule, for an answer of 400.
+- A request's input rules, for lite_app and the examples on other ORMs:
+  `counter_name_from`, `step_from` and `check_idempotency_key` raise
+  BadInput, whose text says the rule.
+- What a web app answers to each of these errors and lite_db's: `answer_for`
+  (status, the client's text, headers), for every framework's one handler.
 """
 
+import logging
+import math
 import re
 import sqlite3
 import time
@@ -46,9 +50,34 @@ IDEMPOTENCY_TABLES = (
 )
 
 MAX_BY = 1_000_000  # largest step one request may ask for
+RETRY_AFTER_S = 1  # 1 s: what a 503 asks the client to wait (Retry-After)
+UNAVAILABLE_TEXT = "database busy, retry later"  # a 503's text; lite_db's reason is for logs
+OUTCOME_UNKNOWN_TEXT = (
+    "outcome unknown: the database connection was lost while committing;"
+    " read the value back, or repeat the request with the same Idempotency-Key"
+)
 COUNTER_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}\Z")
 _STEP = re.compile(r"[1-9][0-9]{0,6}\Z")
 _IDEMPOTENCY_KEY = re.compile(r"[A-Za-z0-9_.:-]{1,128}\Z")
+
+# A database made by lite 0.1: these tables, without the lite_ prefix.
+_LITE_0_1_RENAMES = {
+    "config_state": "lite_config_state",
+    "config_audit": "lite_config_audit",
+    "idempotency_keys": "lite_idempotency_keys",
+    "health": "lite_health",
+}
+_LITE_0_1_FEATURES = ("counters", "config", "idempotency", "health")  # each at version 1
+_LITE_0_1_CONFIG_STATE_COLUMNS = (
+    "id",
+    "fingerprint",
+    "counters",
+    "applied_at",
+    "applied_by",
+    "rejected_fingerprint",
+)
+
+log = logging.getLogger(__name__)
 
 _OVERFLOW = object()  # what an increment's statement gives when the sum would pass MAX_INTEGER
 
@@ -85,9 +114,17 @@ def check_idempotency_key(key: str) -> str:
 class NoSuchCounter(LookupError):
     """No counter of that name (or none at all, when the default was asked for)."""
 
+    def __init__(self, name: str | None) -> None:
+        super().__init__(f"no counter {name!r}" if name is not None else "no counters configured")
+        self.name = name
+
 
 class WouldOverflow(ArithmeticError):
     """The increment would take the counter past MAX_INTEGER; nothing was written."""
+
+    def __init__(self, name: str | None) -> None:
+        super().__init__(f"{name or 'the first counter'} would pass {MAX_INTEGER}")
+        self.name = name
 
 
 class KeyReused(ValueError):
@@ -97,6 +134,33 @@ class KeyReused(ValueError):
         super().__init__(f"Idempotency-Key already used to add {by} to {counter}")
         self.counter = counter
         self.by = by
+
+
+# Each error a web app answers, its status, and the client's text: None for
+# the error's own, which says what the caller asked; lite_db's are for logs.
+_ANSWERS: tuple[tuple[type[Exception], int, str | None], ...] = (
+    (BadInput, 400, None),
+    (NoSuchCounter, 404, None),
+    (WouldOverflow, 409, None),
+    (KeyReused, 422, None),
+    (lite_db.OutcomeUnknown, 502, OUTCOME_UNKNOWN_TEXT),
+    (lite_db.Unavailable, 503, UNAVAILABLE_TEXT),
+)
+ERRORS = tuple(error for error, _, _ in _ANSWERS)  # what answer_for answers
+
+
+def answer_for(exc: BaseException) -> tuple[int, str, dict[str, str]] | None:
+    """A web app's answer to one of ERRORS: (HTTP status, the client's text, headers).
+
+    None for any other exception. The text never carries SQL, driver text or
+    a path; a 503 carries Retry-After: RETRY_AFTER_S. Framework-free: each
+    app sends it as JSON {"error": text} from one handler.
+    """
+    for error, status, text in _ANSWERS:
+        if isinstance(exc, error):
+            headers = {"Retry-After": str(RETRY_AFTER_S)} if status == 503 else {}
+            return status, text or str(exc), headers
+    return None
 
 
 # `name`, or the first counter when name is NULL: one statement picks it.
@@ -111,15 +175,49 @@ _READ = f"SELECT name, value FROM counters WHERE name = {_PICK}"
 def ensure_counters(cur: sqlite3.Cursor) -> None:
     """Create the demo's `counters` table if missing; refuse one that is not lite's.
 
-    Raises ValueError when a table named counters has other columns,
-    lite_db.Unavailable as a write does.
+    The first time on a connection, a database made by lite 0.1 gets its
+    tables renamed first (`upgrade_lite_0_1`). Raises ValueError when a table
+    named counters has other columns, lite_db.Unavailable as a write does.
     """
-    if "counters" in cur.connection.tables_ready:
-        return
+    lite_db.ensure_tables(cur, "counters", 1, COUNTERS_TABLES, check=_check_counters_table)
+
+
+def _check_counters_table(cur: sqlite3.Cursor) -> None:
+    upgrade_lite_0_1(cur)
     found = lite_db.table_columns(cur, "counters")
     if found and found != ["name", "value", "position"]:
         raise ValueError("this database has a table named counters that is not lite's")
-    lite_db.ensure_tables(cur, "counters", 1, COUNTERS_TABLES)
+
+
+def upgrade_lite_0_1(cur: sqlite3.Cursor) -> None:
+    """Give a database made by lite 0.1 the lite_* table names, once, keeping every row.
+
+    Recognised by its four tables, config_state with exactly 0.1's columns,
+    and no lite_schema; any other database is left as it is. The renames
+    are one transaction; each feature is then recorded at version 1.
+    Raises lite_db.Unavailable as a write does.
+    """
+    if lite_db.table_columns(cur, "lite_schema"):
+        return
+    if lite_db.table_columns(cur, "config_state") != list(_LITE_0_1_CONFIG_STATE_COLUMNS):
+        return
+
+    def upgrade_lite_0_1(cur: sqlite3.Cursor) -> bool:
+        found = {name: lite_db.table_columns(cur, name) for name in _LITE_0_1_RENAMES}
+        if not all(found.values()):
+            return False  # another process upgraded it meanwhile, or not 0.1's
+        for old, new in _LITE_0_1_RENAMES.items():
+            cur.execute(f"ALTER TABLE {old} RENAME TO {new}")
+        cur.execute("DROP INDEX IF EXISTS idempotency_keys_created_at")
+        for statement in IDEMPOTENCY_TABLES:
+            cur.execute(statement)
+        return True
+
+    if not lite_db.write(cur, upgrade_lite_0_1):
+        return
+    log.info("a database made by lite 0.1: its tables renamed to lite_*")
+    for feature in _LITE_0_1_FEATURES:
+        lite_db.ensure_tables(cur, feature, 1, ())
 
 
 def _check_step(by: Any) -> None:
@@ -143,7 +241,7 @@ def _added(result: Any, name: str | None) -> tuple[str, int]:
     if result is None:
         raise NoSuchCounter(name)
     if result is _OVERFLOW:
-        raise WouldOverflow(f"{name} would pass {MAX_INTEGER}")
+        raise WouldOverflow(name)
     return result[0], result[1]
 
 
@@ -190,11 +288,11 @@ def increment_once(
     _check_step(by)
     ensure_counters(cur)
     lite_db.ensure_tables(cur, "idempotency", 1, IDEMPOTENCY_TABLES)
-    conn = cur.connection
+    state = cur.connection.state
     now = time.time()
-    prune = time.monotonic() - conn.last_prune >= PRUNE_INTERVAL_S
+    prune = time.monotonic() - state.get("last_prune", -math.inf) >= PRUNE_INTERVAL_S
     if prune:
-        conn.last_prune = time.monotonic()
+        state["last_prune"] = time.monotonic()
 
     def increment_once(cur: sqlite3.Cursor) -> Any:
         if prune:

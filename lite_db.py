@@ -1,5 +1,19 @@
 """SQLite done right for prefork and threaded WSGI servers (standard library only).
 
+Contents (each a banner section below, public API first):
+  Settings            the constants, with their units
+  Errors              Unavailable, OutcomeUnknown
+  Engines             Engine, Features, SQLiteEngine: what differs between engines
+  Connections         connect, cursor, close_all, figures; Connection, Registry
+  Reads and writes    query, write, ensure_tables, table_columns: on any engine
+  The original's      transact, transact_one, transact_many, get, upsert:
+  helpers             False (or None) on failure
+  Any sqlite3         apply_pragmas, retrying: lite's settings and waits for
+  connection          connections lite does not open (lite_django's)
+  Files               refusal, database_files: the files still the ones held
+  Write queue         WriteQueue: a first-come, first-served line for the lock
+  Internals           opening, checkpoints, failures, column names
+
 Contract:
 - `connect(path)` returns the calling thread's connection to `path` in this
   process, opened on first use. A connection is never used on both sides of
@@ -9,8 +23,7 @@ Contract:
   Nothing is opened at import.
 - Opening a database creates no table. Each feature creates its tables when
   first used (`ensure_tables`), named `lite_*` beside the demo's `counters`,
-  and records its schema version in `lite_schema`; a database made by lite
-  0.1 gets its tables renamed, once. lite never writes
+  and records its schema version in `lite_schema`. lite never writes
   `PRAGMA user_version`: that number is the user's.
 - Every new connection gets WAL, `synchronous` (NORMAL, or FULL through
   `LITE_SYNCHRONOUS=FULL`), a busy timeout, foreign keys and a journal size
@@ -21,9 +34,7 @@ Contract:
   (SQLITE_BUSY_SNAPSHOT, which no busy timeout waits out).
 - Only SQLITE_BUSY and SQLITE_LOCKED are retried, in slices of at most
   `BUSY_POLL_MS` with jittered short sleeps between them, until
-  `LOCK_BUDGET_MS` has passed since the call began. `apply_pragmas` and
-  `retrying` give any sqlite3 connection the same settings and waits
-  (lite_django uses them).
+  `LOCK_BUDGET_MS` has passed since the call began.
 - Errors: a database that cannot be reached in time (busy past the budget,
   read-only, full, cannot be opened, I/O error, not a database) is logged
   once, counted, and raised as `Unavailable`. Any other `sqlite3.Error` (a
@@ -37,14 +48,19 @@ Contract:
   computes its new row from values the caller read earlier, outside the
   write lock, so two processes that read the same value both write
   value + 1 and one update is lost without any error.
-- Other engines: `write`, `query`, `ensure_tables` and `table_columns`,
-  given a cursor that is not sqlite3's (lite_pg's, for PostgreSQL), call
-  that cursor's own; so code written against these helpers runs on either.
-  Such an engine raises `OutcomeUnknown` when a commit's answer is lost.
+- Engines: every connection carries its `engine` (`cur.connection.engine`):
+  its `vendor`, its `features`, and the operations that differ. `query`,
+  `write`, `ensure_tables` and `table_columns` run on whichever engine the
+  cursor's connection has, so code written against them (lite_counters,
+  lite_config, lite_ops) runs on SQLite and on lite_pg's PostgreSQL alike.
+  An engine reached over a network raises `OutcomeUnknown` when a commit's
+  answer is lost. The original's helpers are SQLite's.
 - Figures: each connection counts its work in `Figures`; `figures()` sums
   them for this process; each function in `listeners` is called with
   (event, amount) as it happens, so that metrics stay outside the core.
 """
+
+from __future__ import annotations
 
 import atexit
 import contextlib
@@ -69,7 +85,49 @@ try:
 except ImportError:  # not a POSIX system: the -shm check is off
     fcntl = None  # type: ignore[assignment]
 
+__all__ = [
+    "BUSY_POLL_MS",
+    "LOCK_BUDGET_MS",
+    "QUEUE_SUFFIX",
+    "SCHEMA_TABLES",
+    "UNREACHABLE_CODES",
+    "Connection",
+    "Engine",
+    "Features",
+    "Figures",
+    "OutcomeUnknown",
+    "Registry",
+    "SQLiteEngine",
+    "Unavailable",
+    "WriteQueue",
+    "apply_pragmas",
+    "close_all",
+    "connect",
+    "count",
+    "cursor",
+    "database_files",
+    "ensure_tables",
+    "failed",
+    "figures",
+    "get",
+    "listeners",
+    "notify",
+    "query",
+    "refusal",
+    "refusal_marker",
+    "registry",
+    "retrying",
+    "table_columns",
+    "transact",
+    "transact_many",
+    "transact_one",
+    "upsert",
+    "write",
+]
+
 __version__ = "0.2.0"
+
+# ---- Settings ---------------------------------------------------------------
 
 LOCK_BUDGET_MS = 3000  # 3 s: total wait for the database lock per call
 BUSY_POLL_MS = 5  # 5 ms: the busy timeout, the longest SQLite itself waits per attempt
@@ -100,28 +158,10 @@ UNREACHABLE_CODES = {
     sqlite3.SQLITE_PROTOCOL,
     sqlite3.SQLITE_NOTADB,
 }
-
 # Each feature's schema version, in the database it uses.
-_SCHEMA_TABLE = (
+SCHEMA_TABLES = (
     "CREATE TABLE IF NOT EXISTS lite_schema ("
     " feature TEXT PRIMARY KEY, version INTEGER NOT NULL) STRICT",
-)
-# A database made by lite 0.1 has these tables and PRAGMA user_version 3.
-_LITE_0_1_USER_VERSION = 3
-_LITE_0_1_RENAMES = {
-    "config_state": "lite_config_state",
-    "config_audit": "lite_config_audit",
-    "idempotency_keys": "lite_idempotency_keys",
-    "health": "lite_health",
-}
-_LITE_0_1_FEATURES = ("counters", "config", "idempotency", "health")  # each at version 1
-_LITE_0_1_CONFIG_STATE_COLUMNS = (
-    "id",
-    "fingerprint",
-    "counters",
-    "applied_at",
-    "applied_by",
-    "rejected_fingerprint",
 )
 
 # The -shm file's WAL index header (SQLite's WalIndexHdr, native byte order),
@@ -141,6 +181,7 @@ _FLOCK = struct.Struct("=hh4xqqi4x")
 # one lock byte per slot from byte _QUEUE_FIRST_SLOT.
 _QUEUE_TICKET = struct.Struct("=Q")
 _QUEUE_FIRST_SLOT = 4096
+_SYNCHRONOUS_NAMES = {0: "OFF", 1: "NORMAL", 2: "FULL", 3: "EXTRA"}
 
 log = logging.getLogger(__name__)
 
@@ -148,6 +189,9 @@ _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 
 # Called with (event, amount) on each event; see Figures for the events.
 listeners: list[Callable[[str, float], None]] = []
+
+
+# ---- Errors -----------------------------------------------------------------
 
 
 class Unavailable(Exception):
@@ -169,6 +213,294 @@ class OutcomeUnknown(Exception):
     never retried. Already logged and counted. A client tells by reading
     back, or by repeating the request with the same Idempotency-Key.
     """
+
+
+# ---- Engines ----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Features:
+    """What one engine offers that another does not; code that must differ asks these.
+
+    local_files: the database is files on this machine, whose sizes can be
+    measured and which can be removed or replaced under the server.
+    shared_by_machines: several machines use one database, each with its
+    own copy of config.ini (so a version is the file's content alone).
+    """
+
+    local_files: bool
+    shared_by_machines: bool
+
+
+class Engine:
+    """What code built on lite_db asks of a database, whichever engine holds it.
+
+    Every lite connection carries one as `engine`: its `vendor` ("sqlite",
+    "postgresql"), its `features`, and the operations that differ. Code
+    calls lite_db's `write`, `query`, `ensure_tables` and `table_columns`,
+    which ask the cursor's engine; it asks `features` (never a type, a URL
+    or a missing attribute) where it must differ.
+    """
+
+    vendor: str
+    features: Features
+
+    def write(self, cur: Any, work: Callable[[Any], Any], what: str, one_statement: bool) -> Any:
+        """Run `work(cur)` as one write transaction; see `write`."""
+        raise NotImplementedError
+
+    def query(self, cur: Any, sql: str, params: Sequence[Any]) -> list[Any]:
+        """All rows of one read-only statement; see `query`."""
+        raise NotImplementedError
+
+    def create_tables(self, cur: Any, feature: str, version: int, tables: Sequence[str]) -> None:
+        """Create `tables` and record `version` unless it is recorded; see `ensure_tables`."""
+        raise NotImplementedError
+
+    def table_columns(self, cur: Any, table: str) -> list[str]:
+        """The columns of `table` in their order; [] when there is no such table."""
+        raise NotImplementedError
+
+    def describe(self, cur: Any) -> dict[str, Any]:
+        """The database's settings as the live connection has them, and its size."""
+        raise NotImplementedError
+
+    def refusal(self, conn: Any) -> str | None:
+        """Why writes through `conn` are refused for good in this process; None if they are not."""
+        return None
+
+
+class SQLiteEngine(Engine):
+    """SQLite through lite_db: the engine of every `Connection`."""
+
+    vendor = "sqlite"
+    features = Features(local_files=True, shared_by_machines=False)
+
+    def write(
+        self, cur: sqlite3.Cursor, work: Callable[[Any], Any], what: str, one_statement: bool
+    ) -> Any:
+        """Run `work(cur)` as one write transaction, with retries; its result.
+
+        `one_statement`: work runs exactly one statement, which is then its
+        own transaction: SQLite takes the write lock as the statement
+        starts, before it reads anything, as BEGIN IMMEDIATE does, and holds
+        it only while SQLite runs that statement, never while Python runs.
+        Otherwise work runs between BEGIN IMMEDIATE and COMMIT. Raises
+        Unavailable, or the sqlite3.Error, after logging and counting a
+        failure.
+        """
+        conn = cur.connection
+
+        lock_wait: float | None = None  # from asking (queue included) to holding the lock
+
+        def in_transaction() -> Any:
+            nonlocal lock_wait
+            cur.execute("BEGIN IMMEDIATE")
+            lock_wait = time.monotonic() - asked
+            try:
+                result = work(cur)
+                cur.execute("COMMIT")
+            except BaseException:
+                if conn.in_transaction:
+                    cur.execute("ROLLBACK")
+                raise
+            return result
+
+        def statement() -> Any:
+            nonlocal lock_wait
+            result = work(cur)
+            lock_wait = time.monotonic() - asked
+            return result
+
+        # 1. Count it.
+        conn.figures.writes += 1
+        if listeners:
+            notify("writes", 1)
+        # 2. The database's files must still be those this connection holds:
+        # a write into a file removed or replaced under the server would be
+        # lost, and one locked through a removed -shm could overwrite
+        # another process's.
+        _refuse_if_changed(conn)
+        # 3. A transaction runs Python while it holds the lock: it waits its
+        # turn in the queue first. A single statement holds it only inside
+        # SQLite.
+        asked = time.monotonic()
+        deadline = asked + LOCK_BUDGET_MS / 1000
+        queued = not one_statement and conn.queue.enter(deadline)
+        # 4. Take the lock and run, retried within the budget.
+        try:
+            result = retrying(
+                conn, statement if one_statement else in_transaction, conn.figures, deadline
+            )
+        except sqlite3.Error as exc:
+            failure = _failed(conn, "write", what, exc)
+            if failure is exc:
+                raise
+            raise failure from exc
+        finally:
+            if queued:
+                conn.queue.leave()
+            waited = time.monotonic() - asked if lock_wait is None else lock_wait
+            conn.figures.write_lock_wait_s += waited
+            if listeners:
+                notify("write_lock_wait_s", waited)
+        # 5. Removed in the moment since step 2, the file may hold this
+        # commit alone: then it is in the copy _refuse saves. Else, now and
+        # then, a checkpoint.
+        if (changed := _file_changed(conn)) is not None:
+            _refuse(conn, changed, wrote_since=True)
+        else:
+            _checkpoint_now_and_then(conn)
+        return result
+
+    def query(self, cur: sqlite3.Cursor, sql: str, params: Sequence[Any]) -> list[sqlite3.Row]:
+        return _read(cur, lambda: cur.execute(sql, params).fetchall(), "query")
+
+    def create_tables(
+        self, cur: sqlite3.Cursor, feature: str, version: int, tables: Sequence[str]
+    ) -> None:
+        def recorded() -> int:
+            if cur.execute("SELECT 1 FROM sqlite_schema WHERE name = 'lite_schema'").fetchone():
+                row = cur.execute(
+                    "SELECT version FROM lite_schema WHERE feature = ?", (feature,)
+                ).fetchone()
+                return row[0] if row else 0
+            return 0
+
+        if _read(cur, recorded, f"schema of {feature}") >= version:
+            return
+
+        def create(cur: sqlite3.Cursor) -> None:
+            for statement in (*SCHEMA_TABLES, *tables):
+                cur.execute(statement)
+            cur.execute(
+                "INSERT INTO lite_schema (feature, version) VALUES (?, ?)"
+                " ON CONFLICT (feature) DO UPDATE SET version = excluded.version",
+                (feature, version),
+            )
+
+        self.write(cur, create, f"tables of {feature}", one_statement=False)
+
+    def table_columns(self, cur: sqlite3.Cursor, table: str) -> list[str]:
+        rows = self.query(cur, "SELECT name FROM pragma_table_info(?)", (table,))
+        return [row[0] for row in rows]
+
+    def describe(self, cur: sqlite3.Cursor) -> dict[str, Any]:
+        rows = self.query(
+            cur,
+            "SELECT * FROM pragma_journal_mode, pragma_synchronous, pragma_busy_timeout,"
+            " pragma_journal_size_limit, pragma_page_size, pragma_page_count",
+            (),
+        )
+        journal_mode, synchronous, busy_timeout, size_limit, page_size, page_count = rows[0]
+        path = cur.connection.path
+        return {
+            "journal_mode": journal_mode,
+            "synchronous": _SYNCHRONOUS_NAMES.get(synchronous, "?"),
+            "busy_timeout_ms": busy_timeout,
+            "lock_budget_ms": LOCK_BUDGET_MS,
+            "journal_size_limit_bytes": size_limit,
+            "page_size": page_size,
+            "page_count": page_count,
+            "db_bytes": _size(path),
+            "wal_bytes": _size(path + "-wal"),
+        }
+
+    def refusal(self, conn: Connection) -> str | None:
+        return refusal(conn.path)
+
+
+SQLITE = SQLiteEngine()
+
+
+# ---- Connections ------------------------------------------------------------
+
+
+def connect(path: str, create: bool = True) -> Connection:
+    """This thread's connection to `path` in this process, opened on first use.
+
+    `create`: make the database file if it is missing (a server passes
+    False, so that a deleted database never comes back empty). A connection
+    that could not write (opened while the file was not writable) is
+    replaced once the file is writable again. Raises Unavailable (logged) if
+    the database cannot be opened or its file changed under this process,
+    RuntimeError if SQLite is older than SQLITE_NEEDED.
+    """
+    conn = registry.held(path)
+    if conn is not None and not conn.reopen and not (conn.read_only and os.access(path, os.W_OK)):
+        return conn
+    if path in registry.refused:
+        raise Unavailable(f"database files changed: {registry.refused[path]}")
+    if os.path.exists(refusal_marker(path)):
+        log.error(
+            "cannot open database %s: it was removed or replaced while in use (%s);"
+            " restore it with ./serve.sh restore FILE",
+            path,
+            refusal_marker(path),
+        )
+        registry.refused[path] = f"see {refusal_marker(path)}"  # logged once per process
+        raise Unavailable(f"database files changed: {registry.refused[path]}")
+    registry.make_room(path)
+    try:
+        conn = _open(path, create)
+    except sqlite3.Error as exc:
+        code = _primary_code(exc)
+        log.error("cannot open database %s: %s%s", path, exc, _advice(code, path))
+        count(registry.closed_figures, "read_failures")
+        raise Unavailable(f"cannot open database: {exc}") from exc
+    if conn.split is not None:
+        # The processes holding the old files notice at their next write,
+        # refuse and save what they hold; this one must not write beside them.
+        conn.close()
+        registry.refused[path] = conn.split
+        log.error(
+            "database changed under lite: %s. This process refuses the database: stop lite,"
+            " restore the copy named in %s if there is one (./serve.sh restore FILE), start lite",
+            conn.split,
+            refusal_marker(path),
+        )
+        count(registry.closed_figures, "read_failures")
+        raise Unavailable(f"database files changed: {conn.split}")
+    registry.keep(path, conn)
+    return conn
+
+
+def cursor(path: str, create: bool = True) -> sqlite3.Cursor:
+    """A fresh cursor on this thread's connection (see `connect`); the caller closes it.
+
+    Raises Unavailable (logged and counted) if the database cannot be opened.
+    """
+    return connect(path, create).cursor()
+
+
+def close_all() -> None:
+    """Close every connection of this process, every engine's, and forget figures and refusals.
+
+    For shutdown, and for tests to start afresh: the one reset of this
+    module's state.
+    """
+    if registry.pid != os.getpid():
+        registry.forked()
+    with registry.lock:
+        for key in list(registry.connections):
+            registry.retire(key)
+        registry.closed_figures = Figures()
+        registry.refused = {}
+
+
+def figures() -> dict[str, Any]:
+    """This process's figures: its open connections' and its closed ones', summed.
+
+    Also `connections`: how many connections this process has open now.
+    """
+    total = Figures()
+    open_now = []
+    if registry.pid == os.getpid():
+        total.add(registry.closed_figures)
+        open_now = list(registry.connections.values())
+        for conn in open_now:
+            total.add(conn.figures)
+    return {**asdict(total), "connections": len(open_now)}
 
 
 @dataclass
@@ -196,7 +528,7 @@ class Figures:
     wal_restarts: int = 0
     last_checkpoint_at: float | None = None
 
-    def add(self, other: "Figures") -> None:
+    def add(self, other: Figures) -> None:
         for name, value in asdict(other).items():
             if name == "last_checkpoint_at":
                 if value is not None:
@@ -206,7 +538,13 @@ class Figures:
 
 
 class Connection(sqlite3.Connection):
-    """A connection that carries its own state: whose it is, its clocks, its figures."""
+    """A connection that carries its own state: whose it is, its clocks, its figures.
+
+    `state`: what code built on lite_db keeps per connection (lite_counters:
+    when it last pruned expired keys).
+    """
+
+    engine: Engine = SQLITE
 
     def __init__(self, path: str, *args: Any, **kwargs: Any) -> None:
         super().__init__(path, *args, **kwargs)
@@ -216,171 +554,77 @@ class Connection(sqlite3.Connection):
         self.read_only = False  # opened while the file was not writable
         self.reopen = False  # found unable to write: replaced at the next connect()
         self.last_checkpoint = -math.inf  # time.monotonic() of its last checkpoint
-        self.last_prune = -math.inf  # time.monotonic() of its last pruning of expired keys
         self.columns: dict[str, tuple[str, ...]] = {}
-        self.tables_ready: set[str] = set()
+        self.tables_ready: set[str] = set()  # features whose tables ensure_tables found
+        self.state: dict[str, Any] = {}
         self.figures = Figures()
         # (device, inode) of each of the database's files (the database, its
         # -wal and -shm) it holds open, by path; empty where /proc is missing.
         self.files: dict[str, tuple[int, int]] = {}
         # Why its -wal or -shm is not the one the other processes use; None if it is.
         self.split: str | None = None
-        self.queue = WriteQueue(path)  # its file opened at the first transaction
+        self.queue = WriteQueue(_file_of(path))  # its file opened at the first transaction
 
     def close(self) -> None:
         self.queue.close()
         super().close()
 
 
-class WriteQueue:
-    """A first-come, first-served line for the write lock, shared by every process of a database.
+class Registry:
+    """This process's connections, one per database and thread, every engine's.
 
-    SQLite gives its write lock to whichever waiter tries first once it is
-    free. For a one-statement write, which holds the lock only inside
-    SQLite, lite's short slices make that fair enough. A transaction that
-    runs Python while it holds the lock is another matter: waiters that poll
-    take CPU from the holder, and who wins is chance, so some wait many
-    turns. Such a transaction takes a ticket here first and waits, asleep in
-    the kernel, for the one before it to finish: one wake-up per turn, in
-    the order of arrival.
-
-    Built on open-file-description locks (F_OFD_SETLK*) on one file beside
-    the database, `path + QUEUE_SUFFIX`: a slot is one locked byte, owned by
-    one connection (so threads queue like processes) and released by the
-    kernel when its process dies. The wait for the one before is bounded by
-    the caller's deadline; past it, the caller goes on to SQLite's lock
-    itself. The queue only orders: SQLite's lock still excludes. Where the
-    file cannot be opened or OFD locks are missing, the queue is off (enter
-    returns False) and the sliced wait alone remains.
-    """
-
-    def __init__(self, path: str) -> None:
-        self.path = path + QUEUE_SUFFIX
-        self.fd: int | None = None
-        self.slot: int | None = None
-        self.off = fcntl is None or not hasattr(fcntl, "F_OFD_SETLKW")
-        # Waits for the helper thread, started at the first wait; None stops it.
-        self.waits: queue.SimpleQueue[tuple[int, int, threading.Lock] | None] | None = None
-
-    def enter(self, deadline: float) -> bool:
-        """Take a ticket and wait, until `deadline` at most, for the one before; True if queued."""
-        if self.off:
-            return False
-        try:
-            if self.fd is None:
-                self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-            ticket = self._take_ticket()
-        except OSError as exc:
-            log.warning("write queue %s is off: %s", self.path, exc)
-            self.off = True
-            return False
-        if ticket is None:
-            return False  # the ring wrapped onto a slot still held
-        if ticket > 0:
-            self._wait_for(_QUEUE_FIRST_SLOT + (ticket - 1) % QUEUE_SLOTS, deadline)
-        return True
-
-    def leave(self) -> None:
-        """Let the next ticket go (after COMMIT or ROLLBACK)."""
-        if self.slot is not None and self.fd is not None:
-            _ofd_lock(self.fd, fcntl.F_OFD_SETLK, fcntl.F_UNLCK, self.slot)
-        self.slot = None
-
-    def close(self) -> None:
-        if self.fd is not None:
-            os.close(self.fd)  # releases its slot too
-        if self.waits is not None:
-            self.waits.put(None)
-        self.fd, self.slot, self.waits = None, None, None
-
-    def __del__(self) -> None:
-        # E.g. the queue of a Django connection whose thread has ended; at
-        # interpreter exit the modules close() needs may already be gone.
-        with contextlib.suppress(Exception):
-            self.close()
-
-    def _take_ticket(self) -> int | None:
-        fd = self.fd
-        _ofd_lock(fd, fcntl.F_OFD_SETLKW, fcntl.F_WRLCK, 0, _QUEUE_TICKET.size)
-        try:
-            raw = os.pread(fd, _QUEUE_TICKET.size, 0)
-            ticket = _QUEUE_TICKET.unpack(raw)[0] if len(raw) == _QUEUE_TICKET.size else 0
-            slot = _QUEUE_FIRST_SLOT + ticket % QUEUE_SLOTS
-            try:
-                _ofd_lock(fd, fcntl.F_OFD_SETLK, fcntl.F_WRLCK, slot)
-            except BlockingIOError:
-                return None
-            os.pwrite(fd, _QUEUE_TICKET.pack(ticket + 1), 0)
-        finally:
-            _ofd_lock(fd, fcntl.F_OFD_SETLK, fcntl.F_UNLCK, 0, _QUEUE_TICKET.size)
-        self.slot = slot
-        return ticket
-
-    def _wait_for(self, slot: int, deadline: float) -> None:
-        """Until the holder of `slot` leaves (or dies), or `deadline`.
-
-        A lock wait cannot time out, so this connection's helper thread
-        waits (on a duplicate of the descriptor: the same owner, and safe
-        from the descriptor's reuse) while the caller waits with a timeout.
-        A wait past the deadline is left to its helper, which exits once it
-        ends; the next wait gets a new helper, not a place behind it.
-        """
-        try:
-            _ofd_lock(self.fd, fcntl.F_OFD_SETLK, fcntl.F_RDLCK, slot)
-        except BlockingIOError:
-            pass
-        else:
-            _ofd_lock(self.fd, fcntl.F_OFD_SETLK, fcntl.F_UNLCK, slot)
-            return
-        if self.waits is None:
-            self.waits = queue.SimpleQueue()
-            threading.Thread(
-                target=_wait_in_line, args=(self.waits,), name="lite write queue", daemon=True
-            ).start()
-        done = threading.Lock()  # released by the helper: cheaper than an Event
-        done.acquire()
-        self.waits.put((os.dup(self.fd), slot, done))
-        if not done.acquire(timeout=max(0.0, deadline - time.monotonic())):
-            self.waits.put(None)
-            self.waits = None
-
-
-def _wait_in_line(waits: "queue.SimpleQueue[tuple[int, int, threading.Lock] | None]") -> None:
-    """A WriteQueue's helper thread: each wait asked for, one after another, until None."""
-    while (wait := waits.get()) is not None:
-        fd, slot, done = wait
-        try:
-            _ofd_lock(fd, fcntl.F_OFD_SETLKW, fcntl.F_RDLCK, slot)
-            _ofd_lock(fd, fcntl.F_OFD_SETLK, fcntl.F_UNLCK, slot)
-        except OSError:
-            pass
-        finally:
-            os.close(fd)
-            done.release()
-
-
-def _ofd_lock(fd: int, command: int, lock_type: int, start: int, length: int = 1) -> None:
-    fcntl.fcntl(fd, command, _FLOCK.pack(lock_type, os.SEEK_SET, start, length, 0))
-
-
-class _Registry:
-    """This process's connections, one per path and thread, held by strong references.
-
-    Not threading.local: in a forked child Python discards the locals of the
-    parent's other threads, and a connection freed there would be closed,
-    running SQLite's close-time unlock and checkpoint against locks that
-    belong to the parent.
+    Held by strong references, not in threading.local: in a forked child
+    Python discards the locals of the parent's other threads, and a
+    connection freed there would be closed, running SQLite's close-time
+    unlock and checkpoint against locks that belong to the parent (or, for
+    a server's session, ending the parent's session). A connection is kept
+    under (database, thread ident) and has `thread`, `figures` and `close()`.
     """
 
     def __init__(self) -> None:
         self.pid = os.getpid()
-        self.connections: dict[tuple[str, int], Connection] = {}
-        self.inherited: list[Connection] = []  # from before a fork: never used or closed
+        self.connections: dict[tuple[str, int], Any] = {}
+        self.inherited: list[Any] = []  # from before a fork: never used or closed
         self.closed_figures = Figures()  # the figures of connections closed since
         self.lock = threading.Lock()
         # Paths whose database file was removed or replaced under this
         # process: their writes are refused, the reason kept here.
         self.refused: dict[str, str] = {}
+
+    def held(self, database: str) -> Any | None:
+        """This thread's connection to `database`, if it has one (after a fork: none)."""
+        if self.pid != os.getpid():
+            self.forked()
+        conn = self.connections.get((database, threading.get_ident()))
+        if conn is not None and conn.thread is threading.current_thread():
+            return conn
+        return None
+
+    def make_room(self, database: str) -> None:
+        """Close what this thread's new connection replaces, and every ended thread's.
+
+        Thread idents are reused: a connection under this thread's key may be
+        a dead thread's.
+        """
+        key = (database, threading.get_ident())
+        with self.lock:
+            for other_key, other in list(self.connections.items()):
+                if other_key == key or not other.thread.is_alive():
+                    self.retire(other_key)
+
+    def keep(self, database: str, conn: Any) -> None:
+        """Hold `conn` as this thread's connection to `database`."""
+        with self.lock:
+            self.connections[(database, threading.get_ident())] = conn
+
+    def discard(self, conn: Any) -> None:
+        """Close `conn` and forget it (e.g. found broken)."""
+        with self.lock:
+            for key, held in list(self.connections.items()):
+                if held is conn:
+                    self.retire(key)
+                    return
+        conn.close()
 
     def forked(self) -> None:
         """Start over in a forked child, keeping the parent's connections referenced."""
@@ -398,11 +642,87 @@ class _Registry:
         conn.close()
 
 
-_registry = _Registry()
+registry = Registry()
 
 
-def _note(figures: Figures, event: str, amount: float = 1) -> None:
-    """Count `event` in `figures` and tell the listeners (the hot paths inline this)."""
+def _close_at_exit() -> None:
+    # The last connection to close checkpoints the WAL and removes -wal and
+    # -shm. Left to interpreter teardown, connections are not always freed
+    # (a live helper thread of the write queue is enough to prevent it).
+    try:
+        close_all()
+    except sqlite3.Error as exc:
+        log.warning("closing lite's connections at exit: %s", exc)
+
+
+atexit.register(_close_at_exit)
+
+
+# ---- Reads and writes (any engine) ------------------------------------------
+
+
+def query(cur: Any, sql: str, params: Sequence[Any] = ()) -> list[Any]:
+    """All rows of a read-only query, in its own read transaction.
+
+    Raises Unavailable, or the engine's error, after logging and counting it.
+    """
+    if not isinstance(sql, str):
+        raise ValueError("sql must be a string")
+    return cur.connection.engine.query(cur, sql, params)
+
+
+def write(cur: Any, work: Callable[[Any], Any], one_statement: bool = False) -> Any:
+    """Run `work(cur)` in one write transaction that takes the lock first; its result.
+
+    The way to read, compute in Python and write back without losing
+    updates (lite_counters.update_counter shows it). `one_statement`: work
+    runs exactly one statement, which is then its own transaction, locked
+    before it reads and only while the database runs it. `work` may be run
+    again after a busy error, so it must have no effects outside the
+    database. Raises Unavailable, or the engine's error, after logging and
+    counting it; nothing was written then.
+    """
+    return cur.connection.engine.write(cur, work, getattr(work, "__name__", "write"), one_statement)
+
+
+def ensure_tables(
+    cur: Any,
+    feature: str,
+    version: int,
+    tables: Sequence[str],
+    check: Callable[[Any], None] | None = None,
+) -> None:
+    """Create the tables of `feature` if this database lacks them, and record its version.
+
+    `tables`: CREATE ... IF NOT EXISTS statements, in SQLite's words (an
+    engine translates them). Runs at most once per connection and feature;
+    a write only when the feature is new to the database. `check(cur)`, if
+    given, runs first, once per connection (e.g. to refuse a table of the
+    same name that is not the feature's). Raises Unavailable as a write
+    does, and what `check` raises.
+    """
+    conn = cur.connection
+    if feature in conn.tables_ready:
+        return
+    if check is not None:
+        check(cur)
+    conn.engine.create_tables(cur, feature, version, tables)
+    conn.tables_ready.add(feature)
+
+
+def table_columns(cur: Any, table: str) -> list[str]:
+    """The columns of `table` in their order; [] when there is no such table.
+
+    Raises Unavailable as a read does.
+    """
+    return cur.connection.engine.table_columns(cur, table)
+
+
+def count(figures: Figures, event: str, amount: float = 1) -> None:
+    """Count `event` in `figures` (a connection's) and tell the listeners.
+
+    The hot paths inline this.
+    """
     setattr(figures, event, getattr(figures, event) + amount)
     if listeners:
         notify(event, amount)
@@ -414,52 +734,144 @@ def notify(event: str, amount: float = 1) -> None:
         listener(event, amount)
 
 
-def _synchronous() -> str:
-    mode = os.environ.get("LITE_SYNCHRONOUS", "NORMAL").upper()
-    if mode not in SYNCHRONOUS_MODES:
-        raise ValueError(f"LITE_SYNCHRONOUS must be one of {SYNCHRONOUS_MODES}")
-    return mode
+def failed(
+    figures: Figures, kind: str, what: str, exc: Exception, reason: str | None, advice: str = ""
+) -> Exception:
+    """Log and count a failed read or write ("read"/"write"); the exception to raise for it.
+
+    Unavailable(reason) when the database could not be reached (`reason`
+    given), else `exc` itself. `advice`: what a person should do, for the log.
+    """
+    count(figures, f"{kind}_failures")
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    log.error("%s failed (%s): %s%s", kind, what, text, advice)
+    return Unavailable(reason) if reason is not None else exc
 
 
-def _check_sqlite_version() -> None:
-    if sqlite3.sqlite_version_info < SQLITE_NEEDED:
-        needed = ".".join(map(str, SQLITE_NEEDED))
-        raise RuntimeError(
-            f"SQLite {sqlite3.sqlite_version} is too old: lite needs {needed} or newer "
-            "(RETURNING came in 3.35, STRICT tables in 3.37)"
-        )
+# ---- The original's helpers: False (or None) on failure (SQLite) ------------
 
 
-def _open(path: str, create: bool) -> Connection:
-    _check_sqlite_version()
-    conn = sqlite3.connect(
-        path if create else f"file:{urllib.parse.quote(os.path.abspath(path))}?mode=rw",
-        uri=not create,
-        factory=Connection,
-        isolation_level=None,
-        timeout=BUSY_POLL_MS / 1000,
-        # Each connection is used by its own thread only; the process closes
-        # it from another thread once that one has ended.
-        check_same_thread=False,
-    )
-    conn.path = path  # not the URI it was opened by
-    conn.queue = WriteQueue(path)
+def transact(
+    cur: sqlite3.Cursor,
+    work: Callable[[sqlite3.Cursor], Any] | Sequence[tuple[str, Sequence[Any]]],
+) -> Any:
+    """Run `work` in one write transaction that holds the write lock throughout.
+
+    `work` is a list of (sql, params) statements, or a callable taking the
+    cursor (see `write`), which must not return False. Returns the
+    callable's result (True for a list, or when the callable returns None);
+    False on failure (logged and counted): test with `is False`.
+    """
+    if callable(work):
+        run = work
+    elif isinstance(work, Sequence) and not isinstance(work, str):
+        statements = list(work)
+
+        def run(cur: sqlite3.Cursor) -> None:
+            for sql, params in statements:
+                cur.execute(sql, params)
+
+    else:
+        raise ValueError("work must be a callable or a list of (sql, params)")
+
+    def run_and_mark(cur: sqlite3.Cursor) -> Any:
+        result = run(cur)
+        return True if result is None else result
+
     try:
-        conn.row_factory = sqlite3.Row
-        # Checkpoints are run by _checkpoint_now_and_then, not after every
-        # commit once the WAL passes 1000 pages: while readers keep a
-        # checkpoint from finishing, SQLite would retry it (and fsync) on
-        # every commit.
-        apply_pragmas(conn, conn.figures, wal_autocheckpoint=0)
-        _upgrade_lite_0_1(conn)
-        held = _held_files(path)
-        conn.files = {name: identity for name, (identity, _) in held.items()}
-        conn.split = _split_from_others(path, held)
-    except BaseException:
-        conn.close()
-        raise
-    conn.read_only = not os.access(path, os.W_OK)
-    return conn
+        return SQLITE.write(cur, run_and_mark, "transact", one_statement=False)
+    except (Unavailable, sqlite3.Error):
+        return False
+
+
+def transact_one(cur: sqlite3.Cursor, sql: str, params: Sequence[Any] = ()) -> Any:
+    """Run one statement in a write transaction.
+
+    Returns the first row it returns (RETURNING), else True; False on failure.
+    """
+    if not isinstance(sql, str):
+        raise ValueError("sql must be a string")
+
+    def run(cur: sqlite3.Cursor) -> Any:
+        rows = cur.execute(sql, params).fetchall()
+        return rows[0] if rows else True
+
+    what = sql.split(None, 1)[0] if sql.strip() else "empty"
+    try:
+        return SQLITE.write(cur, run, what, one_statement=True)
+    except (Unavailable, sqlite3.Error):
+        return False
+
+
+def transact_many(cur: sqlite3.Cursor, sql: str, seq_of_params: Iterable[Sequence[Any]]) -> bool:
+    """Run one statement for each parameter set, all in one write transaction.
+
+    Returns True, or False on failure (then nothing was written).
+    """
+    if not isinstance(sql, str):
+        raise ValueError("sql must be a string")
+    rows = list(seq_of_params)
+
+    def run(cur: sqlite3.Cursor) -> bool:
+        cur.executemany(sql, rows)
+        return True
+
+    try:
+        return SQLITE.write(cur, run, "transact_many", one_statement=False)
+    except (Unavailable, sqlite3.Error):
+        return False
+
+
+def get(cur: sqlite3.Cursor, table: str, key: Any, attr: str, default: Any = None) -> Any:
+    """One attribute of the row of `table` whose primary key is `key`.
+
+    Returns `default` if there is no such row; None on failure. Raises
+    ValueError for an unknown table or column.
+    """
+    columns = _check_columns(cur, table, [attr])
+    sql = f'SELECT "{attr}" FROM "{table}" WHERE "{columns[0]}" = ?'
+    try:
+        row = _read(cur, lambda: cur.execute(sql, (key,)).fetchone(), f"get {table}.{attr}")
+    except (Unavailable, sqlite3.Error):
+        return None
+    return default if row is None else row[0]
+
+
+def upsert(cur: sqlite3.Cursor, table: str, row: dict[str, Any]) -> bool:
+    """Insert `row`, or update the row with the same primary key.
+
+    For setting values, never for read-modify-write (see the module docstring).
+    Returns True, or False on failure. Raises ValueError for an unknown table
+    or column, or when `row` lacks the primary key.
+    """
+    if not isinstance(row, dict) or not row:
+        raise ValueError("row must be a non-empty dict")
+    columns = _check_columns(cur, table, row)
+    key = columns[0]
+    if key not in row:
+        raise ValueError(f"row lacks the primary key {key!r}")
+    names = list(row)
+    quoted = [f'"{name}"' for name in names]
+    updates = [f"{q} = excluded.{q}" for name, q in zip(names, quoted, strict=True) if name != key]
+    action = "UPDATE SET " + ", ".join(updates) if updates else "NOTHING"
+    sql = (
+        f'INSERT INTO "{table}" ({", ".join(quoted)}) '
+        f"VALUES ({', '.join('?' for _ in names)}) "
+        f'ON CONFLICT ("{key}") DO {action}'
+    )
+    values = [row[name] for name in names]
+
+    def run(cur: sqlite3.Cursor) -> bool:
+        cur.execute(sql, values)
+        return True
+
+    try:
+        return SQLITE.write(cur, run, f"upsert {table}", one_statement=True)
+    except (Unavailable, sqlite3.Error):
+        return False
+
+
+# ---- Any sqlite3 connection: lite's settings and waits ----------------------
 
 
 def apply_pragmas(conn: sqlite3.Connection, figures: Figures, wal_autocheckpoint: int = 0) -> None:
@@ -478,6 +890,163 @@ def apply_pragmas(conn: sqlite3.Connection, figures: Figures, wal_autocheckpoint
     conn.execute("PRAGMA foreign_keys = ON")
     conn.execute(f"PRAGMA journal_size_limit = {JOURNAL_SIZE_LIMIT_BYTES}")
     conn.execute(f"PRAGMA wal_autocheckpoint = {int(wal_autocheckpoint)}")
+
+
+def retrying(
+    conn: sqlite3.Connection | None,
+    attempt: Callable[[], Any],
+    figures: Figures,
+    deadline: float | None = None,
+    transient: Callable[[Exception], bool] | None = None,
+) -> Any:
+    """Run `attempt()`, retrying on busy/locked until LOCK_BUDGET_MS is spent.
+
+    For any sqlite3 connection whose busy timeout is BUSY_POLL_MS
+    (apply_pragmas); busy retries and time are counted in `figures`. Raises
+    the last error when the budget is spent (at `deadline`, a
+    time.monotonic(); default LOCK_BUDGET_MS from now) or the error is not
+    busy/locked. Another engine passes `transient` (which of its errors may
+    be retried) and no `conn`: the same loop, sleeps and counting.
+
+    The wait is sliced: SQLite's busy handler waits at most BUSY_POLL_MS per
+    attempt, then this loop sleeps a jittered moment and
+    tries again. Left to wait the whole budget itself, SQLite's handler backs
+    off to sleeps of 100 ms, and a process that has waited long loses the lock
+    to each newcomer (tests/test_db.py::test_waits_for_the_write_lock_are_fair).
+    The retries also cover busy errors SQLite returns without waiting, e.g.
+    while another connection runs WAL recovery
+    (tests/test_db.py::test_busy_without_wait_is_retried).
+    """
+    started = time.monotonic()
+    if deadline is None:
+        deadline = started + LOCK_BUDGET_MS / 1000
+    narrowed = False
+    try:
+        while True:
+            try:
+                return attempt()
+            except Exception as exc:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or not (_is_busy(exc) if transient is None else transient(exc)):
+                    raise
+                count(figures, "busy_retries")
+                time.sleep(random.uniform(0, min(RETRY_SLEEP_MAX_S, remaining)))
+                remaining_ms = max(1, int((deadline - time.monotonic()) * 1000))
+                if remaining_ms < BUSY_POLL_MS and conn is not None:
+                    conn.execute(f"PRAGMA busy_timeout = {remaining_ms}")
+                    narrowed = True
+    finally:
+        elapsed = time.monotonic() - started
+        figures.db_time_s += elapsed
+        if listeners:
+            notify("db_time_s", elapsed)
+        if narrowed:
+            conn.execute(f"PRAGMA busy_timeout = {BUSY_POLL_MS}")
+
+
+# ---- Files: still the ones this process holds -------------------------------
+
+
+def refusal(path: str) -> str | None:
+    """Why writes to `path` are refused in this process (its file changed), or None."""
+    return registry.refused.get(path) if registry.pid == os.getpid() else None
+
+
+def refusal_marker(path: str) -> str:
+    """The file whose presence makes every process refuse `path` (serve.sh restore removes it)."""
+    return path + REFUSED_SUFFIX
+
+
+def database_files(path: str) -> tuple[str, ...]:
+    """Every file a database at `path` may have: itself first, then those beside it.
+
+    SQLite's -wal and -shm, lite's write queue and refusal mark. Removing or
+    replacing a database means all of them (`lite files DB` prints them).
+    """
+    return tuple(path + suffix for suffix in (*DATABASE_FILE_SUFFIXES, *SIDECAR_SUFFIXES))
+
+
+def _refuse_if_changed(conn: Connection) -> None:
+    """Raise Unavailable (counted) if writes to the connection's database are refused.
+
+    They are once its file was found removed or replaced, by this look or an
+    earlier one; this look refuses from now on and saves what it holds.
+    """
+    refused = registry.refused.get(conn.path)
+    if refused is None and (changed := _file_changed(conn)) is not None:
+        _refuse(conn, changed, wrote_since=False)
+        refused = changed
+    if refused is not None:
+        count(conn.figures, "write_failures")
+        raise Unavailable(f"database files changed: {refused}")
+
+
+def _file_changed(conn: Connection) -> str | None:
+    """Why a path no longer names the file the connection holds; None if each still does."""
+    for name, identity in conn.files.items():
+        try:
+            now = os.stat(name)
+        except FileNotFoundError:
+            return f"{name} was removed"
+        except OSError:
+            continue
+        if (now.st_dev, now.st_ino) != identity:
+            return f"{name} was replaced by another file"
+    return None
+
+
+def _refuse(conn: Connection, reason: str, wrote_since: bool) -> None:
+    """Refuse this process's writes to the path from now on, and save what it holds.
+
+    The files this process still has open may hold acknowledged writes that
+    exist nowhere else: SQLite's backup API copies the database as this
+    connection sees it to a new file beside the path, named in the log and
+    in the -refused mark. The first process to notice saves a copy, and so
+    does each that committed after the change (`wrote_since`); the others
+    hold nothing newer. Copies are made one at a time (a lock on the mark),
+    so the last one the mark names holds everything the others do.
+    """
+    registry.refused[conn.path] = reason
+    marker_path = refusal_marker(conn.path)
+    saved = f"{conn.path}.saved-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+    try:
+        # Every process refuses from now on, those started later included:
+        # beside a moved-in file, the old -wal would be replayed into it.
+        marker = open(marker_path, "a", encoding="utf-8")  # noqa: SIM115 - closed below
+    except OSError as exc:
+        log.error("database changed under lite: %s; writes refused; no mark: %s", reason, exc)
+        return
+    with marker:
+        if fcntl is not None:
+            fcntl.flock(marker, fcntl.LOCK_EX)
+        if os.fstat(marker.fileno()).st_size > 0 and not wrote_since:
+            log.error(
+                "database changed under lite: %s; writes are refused until the database is"
+                " restored (the last copy named in %s holds everything)",
+                reason,
+                marker_path,
+            )
+            return
+        try:
+            target = sqlite3.connect(saved)
+            try:
+                conn.backup(target)
+            finally:
+                target.close()
+        except sqlite3.Error as exc:
+            log.error(
+                "database changed under lite: %s; writes refused; saving it failed: %s", reason, exc
+            )
+            return
+        marker.write(f"{reason}; saved as {saved}\n")
+    log.error(
+        "database changed under lite: %s. Writes are refused until the database is restored."
+        " The database this process had open is saved as %s: stop lite, then restore it"
+        " (./serve.sh restore %s), or restore your own copy",
+        reason,
+        saved,
+        saved,
+    )
 
 
 def _held_files(path: str) -> dict[str, tuple[tuple[int, int], int]]:
@@ -605,110 +1174,224 @@ def _wal_unlike_index(path: str, wal_fd: int, shm_fd: int) -> str | None:
     return None
 
 
-def _upgrade_lite_0_1(conn: Connection) -> None:
-    """Give a database made by lite 0.1 the lite_* table names, once, keeping every row.
+# ---- Write queue ------------------------------------------------------------
 
-    Recognised by PRAGMA user_version 3 with all four of its tables, and no
-    lite_schema yet; any other database is left as it is.
+
+class WriteQueue:
+    """A first-come, first-served line for the write lock, shared by every process of a database.
+
+    SQLite gives its write lock to whichever waiter tries first once it is
+    free. For a one-statement write, which holds the lock only inside
+    SQLite, lite's short slices make that fair enough. A transaction that
+    runs Python while it holds the lock is another matter: waiters that poll
+    take CPU from the holder, and who wins is chance, so some wait many
+    turns. Such a transaction takes a ticket here first and waits, asleep in
+    the kernel, for the one before it to finish: one wake-up per turn, in
+    the order of arrival.
+
+    Built on open-file-description locks (F_OFD_SETLK*) on one file beside
+    the database, `path + QUEUE_SUFFIX`: a slot is one locked byte, owned by
+    one connection (so threads queue like processes) and released by the
+    kernel when its process dies. The wait for the one before is bounded by
+    the caller's deadline; past it, the caller goes on to SQLite's lock
+    itself. The queue only orders: SQLite's lock still excludes. Where the
+    file cannot be opened or OFD locks are missing, the queue is off (enter
+    returns False) and the sliced wait alone remains.
     """
-    if conn.execute("PRAGMA user_version").fetchone()[0] != _LITE_0_1_USER_VERSION:
-        return
-    found = {row[0] for row in conn.execute("SELECT name FROM sqlite_schema WHERE type = 'table'")}
-    if "lite_schema" in found or not set(_LITE_0_1_RENAMES) <= found:
-        return
-    state_columns = [row[1] for row in conn.execute("PRAGMA table_info(config_state)")]
-    if state_columns != list(_LITE_0_1_CONFIG_STATE_COLUMNS):
-        return
 
-    def upgrade() -> None:
-        conn.execute("BEGIN IMMEDIATE")
+    def __init__(self, path: str) -> None:
+        self.path = path + QUEUE_SUFFIX
+        self.fd: int | None = None
+        self.slot: int | None = None
+        self.off = fcntl is None or not hasattr(fcntl, "F_OFD_SETLKW")
+        # Waits for the helper thread, started at the first wait; None stops it.
+        self.waits: queue.SimpleQueue[tuple[int, int, threading.Lock] | None] | None = None
+
+    def enter(self, deadline: float) -> bool:
+        """Take a ticket and wait, until `deadline` at most, for the one before; True if queued."""
+        if self.off:
+            return False
         try:
-            if conn.execute("SELECT 1 FROM sqlite_schema WHERE name = 'lite_schema'").fetchone():
-                conn.execute("ROLLBACK")  # another process upgraded it meanwhile
-                return
-            for old, new in _LITE_0_1_RENAMES.items():
-                conn.execute(f"ALTER TABLE {old} RENAME TO {new}")
-            conn.execute("DROP INDEX IF EXISTS idempotency_keys_created_at")
-            conn.execute(
-                "CREATE INDEX lite_idempotency_keys_created_at"
-                " ON lite_idempotency_keys (created_at)"
-            )
-            for statement in _SCHEMA_TABLE:
-                conn.execute(statement)
-            conn.executemany(
-                "INSERT INTO lite_schema (feature, version) VALUES (?, 1)",
-                [(feature,) for feature in _LITE_0_1_FEATURES],
-            )
-            conn.execute("COMMIT")
-        except BaseException:
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
-            raise
-        log.info("database %s made by lite 0.1: tables renamed to lite_*", conn.path)
+            if self.fd is None:
+                self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            ticket = self._take_ticket()
+        except OSError as exc:
+            log.warning("write queue %s is off: %s", self.path, exc)
+            self.off = True
+            return False
+        if ticket is None:
+            return False  # the ring wrapped onto a slot still held
+        if ticket > 0:
+            self._wait_for(_QUEUE_FIRST_SLOT + (ticket - 1) % QUEUE_SLOTS, deadline)
+        return True
 
-    retrying(conn, upgrade, conn.figures)
+    def leave(self) -> None:
+        """Let the next ticket go (after COMMIT or ROLLBACK)."""
+        if self.slot is not None and self.fd is not None:
+            _ofd_lock(self.fd, fcntl.F_OFD_SETLK, fcntl.F_UNLCK, self.slot)
+        self.slot = None
+
+    def close(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)  # releases its slot too
+        if self.waits is not None:
+            self.waits.put(None)
+        self.fd, self.slot, self.waits = None, None, None
+
+    def __del__(self) -> None:
+        # E.g. the queue of a Django connection whose thread has ended; at
+        # interpreter exit the modules close() needs may already be gone.
+        with contextlib.suppress(Exception):
+            self.close()
+
+    def _take_ticket(self) -> int | None:
+        fd = self.fd
+        _ofd_lock(fd, fcntl.F_OFD_SETLKW, fcntl.F_WRLCK, 0, _QUEUE_TICKET.size)
+        try:
+            raw = os.pread(fd, _QUEUE_TICKET.size, 0)
+            ticket = _QUEUE_TICKET.unpack(raw)[0] if len(raw) == _QUEUE_TICKET.size else 0
+            slot = _QUEUE_FIRST_SLOT + ticket % QUEUE_SLOTS
+            try:
+                _ofd_lock(fd, fcntl.F_OFD_SETLK, fcntl.F_WRLCK, slot)
+            except BlockingIOError:
+                return None
+            os.pwrite(fd, _QUEUE_TICKET.pack(ticket + 1), 0)
+        finally:
+            _ofd_lock(fd, fcntl.F_OFD_SETLK, fcntl.F_UNLCK, 0, _QUEUE_TICKET.size)
+        self.slot = slot
+        return ticket
+
+    def _wait_for(self, slot: int, deadline: float) -> None:
+        """Until the holder of `slot` leaves (or dies), or `deadline`.
+
+        A lock wait cannot time out, so this connection's helper thread
+        waits (on a duplicate of the descriptor: the same owner, and safe
+        from the descriptor's reuse) while the caller waits with a timeout.
+        A wait past the deadline is left to its helper, which exits once it
+        ends; the next wait gets a new helper, not a place behind it.
+        """
+        try:
+            _ofd_lock(self.fd, fcntl.F_OFD_SETLK, fcntl.F_RDLCK, slot)
+        except BlockingIOError:
+            pass
+        else:
+            _ofd_lock(self.fd, fcntl.F_OFD_SETLK, fcntl.F_UNLCK, slot)
+            return
+        if self.waits is None:
+            self.waits = queue.SimpleQueue()
+            threading.Thread(
+                target=_wait_in_line, args=(self.waits,), name="lite write queue", daemon=True
+            ).start()
+        done = threading.Lock()  # released by the helper: cheaper than an Event
+        done.acquire()
+        self.waits.put((os.dup(self.fd), slot, done))
+        if not done.acquire(timeout=max(0.0, deadline - time.monotonic())):
+            self.waits.put(None)
+            self.waits = None
 
 
-def _is_busy(exc: sqlite3.Error) -> bool:
+def _wait_in_line(waits: queue.SimpleQueue[tuple[int, int, threading.Lock] | None]) -> None:
+    """A WriteQueue's helper thread: each wait asked for, one after another, until None."""
+    while (wait := waits.get()) is not None:
+        fd, slot, done = wait
+        try:
+            _ofd_lock(fd, fcntl.F_OFD_SETLKW, fcntl.F_RDLCK, slot)
+            _ofd_lock(fd, fcntl.F_OFD_SETLK, fcntl.F_UNLCK, slot)
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
+            done.release()
+
+
+def _ofd_lock(fd: int, command: int, lock_type: int, start: int, length: int = 1) -> None:
+    fcntl.fcntl(fd, command, _FLOCK.pack(lock_type, os.SEEK_SET, start, length, 0))
+
+
+# ---- Internals: opening, reads, checkpoints, failures, columns --------------
+
+
+def _synchronous() -> str:
+    mode = os.environ.get("LITE_SYNCHRONOUS", "NORMAL").upper()
+    if mode not in SYNCHRONOUS_MODES:
+        raise ValueError(f"LITE_SYNCHRONOUS must be one of {SYNCHRONOUS_MODES}")
+    return mode
+
+
+def _check_sqlite_version() -> None:
+    if sqlite3.sqlite_version_info < SQLITE_NEEDED:
+        needed = ".".join(map(str, SQLITE_NEEDED))
+        raise RuntimeError(
+            f"SQLite {sqlite3.sqlite_version} is too old: lite needs {needed} or newer "
+            "(RETURNING came in 3.35, STRICT tables in 3.37)"
+        )
+
+
+def _file_of(database: str) -> str:
+    """The file a sqlite3.connect() argument names: a path, or a file: URI's path."""
+    if database.startswith("file:"):
+        return urllib.parse.unquote(database[len("file:") :].split("?", 1)[0])
+    return database
+
+
+def _open(path: str, create: bool) -> Connection:
+    _check_sqlite_version()
+    conn = sqlite3.connect(
+        path if create else f"file:{urllib.parse.quote(os.path.abspath(path))}?mode=rw",
+        uri=not create,
+        factory=Connection,
+        isolation_level=None,
+        timeout=BUSY_POLL_MS / 1000,
+        # Each connection is used by its own thread only; the process closes
+        # it from another thread once that one has ended.
+        check_same_thread=False,
+    )
+    conn.path = path  # as the caller named it, not the URI it was opened by
+    try:
+        conn.row_factory = sqlite3.Row
+        # Checkpoints are run by _checkpoint_now_and_then, not after every
+        # commit once the WAL passes 1000 pages: while readers keep a
+        # checkpoint from finishing, SQLite would retry it (and fsync) on
+        # every commit.
+        apply_pragmas(conn, conn.figures, wal_autocheckpoint=0)
+        # A first read: SQLite opens the -wal and -shm files now, so that
+        # the files this connection holds can be looked at.
+        conn.execute("PRAGMA schema_version").fetchone()
+        held = _held_files(path)
+        conn.files = {name: identity for name, (identity, _) in held.items()}
+        conn.split = _split_from_others(path, held)
+    except BaseException:
+        conn.close()
+        raise
+    conn.read_only = not os.access(path, os.W_OK)
+    return conn
+
+
+def _is_busy(exc: Exception) -> bool:
     # The primary code is the low byte of the extended one:
     # SQLITE_BUSY_SNAPSHOT (517) is SQLITE_BUSY (5), SQLITE_LOCKED_SHAREDCACHE (262)
     # is SQLITE_LOCKED (6).
     code = getattr(exc, "sqlite_errorcode", None)
-    if code is not None:
-        return code & 0xFF in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
-    return "locked" in str(exc) or "busy" in str(exc)
+    return code is not None and code & 0xFF in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
 
 
 def _primary_code(exc: sqlite3.Error) -> int:
     return (getattr(exc, "sqlite_errorcode", None) or 0) & 0xFF
 
 
-def retrying(
-    conn: sqlite3.Connection,
-    attempt: Callable[[], Any],
-    figures: Figures,
-    deadline: float | None = None,
-) -> Any:
-    """Run `attempt()`, retrying on busy/locked until LOCK_BUDGET_MS is spent.
-
-    For any sqlite3 connection whose busy timeout is BUSY_POLL_MS
-    (apply_pragmas); busy retries and time are counted in `figures`. Raises
-    the last sqlite3.Error when the budget is spent (at `deadline`, a
-    time.monotonic(); default LOCK_BUDGET_MS from now) or the error is not
-    busy/locked. The wait is sliced: SQLite's busy handler waits at most
-    BUSY_POLL_MS per attempt, then this loop sleeps a jittered moment and
-    tries again. Left to wait the whole budget itself, SQLite's handler backs
-    off to sleeps of 100 ms, and a process that has waited long loses the lock
-    to each newcomer (tests/test_db.py::test_waits_for_the_write_lock_are_fair).
-    The retries also cover busy errors SQLite returns without waiting, e.g.
-    while another connection runs WAL recovery
-    (tests/test_db.py::test_busy_without_wait_is_retried).
-    """
-    started = time.monotonic()
-    if deadline is None:
-        deadline = started + LOCK_BUDGET_MS / 1000
-    narrowed = False
+def _read(cur: sqlite3.Cursor, fetch: Callable[[], Any], what: str) -> Any:
+    """What `fetch()` returns, with retries; raises as _write does."""
+    conn = cur.connection
+    conn.figures.reads += 1
+    if listeners:
+        notify("reads", 1)
     try:
-        while True:
-            try:
-                return attempt()
-            except sqlite3.Error as exc:
-                remaining = deadline - time.monotonic()
-                if not _is_busy(exc) or remaining <= 0:
-                    raise
-                _note(figures, "busy_retries")
-                time.sleep(random.uniform(0, min(RETRY_SLEEP_MAX_S, remaining)))
-                remaining_ms = max(1, int((deadline - time.monotonic()) * 1000))
-                if remaining_ms < BUSY_POLL_MS:
-                    conn.execute(f"PRAGMA busy_timeout = {remaining_ms}")
-                    narrowed = True
-    finally:
-        elapsed = time.monotonic() - started
-        figures.db_time_s += elapsed
-        if listeners:
-            notify("db_time_s", elapsed)
-        if narrowed:
-            conn.execute(f"PRAGMA busy_timeout = {BUSY_POLL_MS}")
+        return retrying(conn, fetch, conn.figures)
+    except sqlite3.Error as exc:
+        failure = _failed(conn, "read", what, exc)
+        if failure is exc:
+            raise
+        raise failure from exc
 
 
 def _checkpoint_now_and_then(conn: Connection) -> None:
@@ -730,7 +1413,7 @@ def _checkpoint_now_and_then(conn: Connection) -> None:
     conn.last_checkpoint = now
     try:
         _, wal_frames, _ = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
-        _note(conn.figures, "checkpoints")
+        count(conn.figures, "checkpoints")
         conn.figures.last_checkpoint_at = time.time()
         page_size = conn.execute("PRAGMA page_size").fetchone()[0]
         if wal_frames * (page_size + WAL_FRAME_HEADER_BYTES) > JOURNAL_SIZE_LIMIT_BYTES:
@@ -740,108 +1423,18 @@ def _checkpoint_now_and_then(conn: Connection) -> None:
             finally:
                 conn.execute(f"PRAGMA busy_timeout = {BUSY_POLL_MS}")
             if not busy:
-                _note(conn.figures, "wal_restarts")
+                count(conn.figures, "wal_restarts")
     except sqlite3.Error as exc:
         log.warning("checkpoint of %s failed: %s", conn.path, exc)
 
 
-def _file_changed(conn: Connection) -> str | None:
-    """Why a path no longer names the file the connection holds; None if each still does."""
-    for name, identity in conn.files.items():
-        try:
-            now = os.stat(name)
-        except FileNotFoundError:
-            return f"{name} was removed"
-        except OSError:
-            continue
-        if (now.st_dev, now.st_ino) != identity:
-            return f"{name} was replaced by another file"
-    return None
-
-
-def _refuse(conn: Connection, reason: str, wrote_since: bool) -> None:
-    """Refuse this process's writes to the path from now on, and save what it holds.
-
-    The files this process still has open may hold acknowledged writes that
-    exist nowhere else: SQLite's backup API copies the database as this
-    connection sees it to a new file beside the path, named in the log and
-    in the -refused mark. The first process to notice saves a copy, and so
-    does each that committed after the change (`wrote_since`); the others
-    hold nothing newer. Copies are made one at a time (a lock on the mark),
-    so the last one the mark names holds everything the others do.
-    """
-    _registry.refused[conn.path] = reason
-    marker_path = refusal_marker(conn.path)
-    saved = f"{conn.path}.saved-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
-    try:
-        # Every process refuses from now on, those started later included:
-        # beside a moved-in file, the old -wal would be replayed into it.
-        marker = open(marker_path, "a", encoding="utf-8")  # noqa: SIM115 - closed below
-    except OSError as exc:
-        log.error("database changed under lite: %s; writes refused; no mark: %s", reason, exc)
-        return
-    with marker:
-        if fcntl is not None:
-            fcntl.flock(marker, fcntl.LOCK_EX)
-        if os.fstat(marker.fileno()).st_size > 0 and not wrote_since:
-            log.error(
-                "database changed under lite: %s; writes are refused until the database is"
-                " restored (the last copy named in %s holds everything)",
-                reason,
-                marker_path,
-            )
-            return
-        try:
-            target = sqlite3.connect(saved)
-            try:
-                conn.backup(target)
-            finally:
-                target.close()
-        except sqlite3.Error as exc:
-            log.error(
-                "database changed under lite: %s; writes refused; saving it failed: %s", reason, exc
-            )
-            return
-        marker.write(f"{reason}; saved as {saved}\n")
-    log.error(
-        "database changed under lite: %s. Writes are refused until the database is restored."
-        " The database this process had open is saved as %s: stop lite, then restore it"
-        " (./serve.sh restore %s), or restore your own copy",
-        reason,
-        saved,
-        saved,
-    )
-
-
-def refusal_marker(path: str) -> str:
-    """The file whose presence makes every process refuse `path` (serve.sh restore removes it)."""
-    return path + REFUSED_SUFFIX
-
-
-def database_files(path: str) -> tuple[str, ...]:
-    """Every file a database at `path` may have: itself first, then those beside it.
-
-    SQLite's -wal and -shm, lite's write queue and refusal mark. Removing or
-    replacing a database means all of them (`lite files DB` prints them).
-    """
-    return tuple(path + suffix for suffix in (*DATABASE_FILE_SUFFIXES, *SIDECAR_SUFFIXES))
-
-
-def refusal(path: str) -> str | None:
-    """Why writes to `path` are refused in this process (its file changed), or None."""
-    return _registry.refused.get(path) if _registry.pid == os.getpid() else None
-
-
 def _failed(conn: Connection, kind: str, what: str, exc: sqlite3.Error) -> Exception:
-    """Log and count a failure; the exception to raise for it."""
-    _note(conn.figures, f"{kind}_failures")
+    """Log and count a failure of SQLite's; the exception to raise for it."""
     code = _primary_code(exc)
     if code == sqlite3.SQLITE_READONLY:
         conn.reopen = True
-    log.error("%s failed (%s): %s%s", kind, what, exc, _advice(code, conn.path))
-    if code in UNREACHABLE_CODES:
-        return Unavailable(f"{kind} failed: {exc}")
-    return exc
+    reason = f"{kind} failed: {exc}" if code in UNREACHABLE_CODES else None
+    return failed(conn.figures, kind, what, exc, reason, _advice(code, conn.path))
 
 
 def _advice(code: int, path: str) -> str:
@@ -874,97 +1467,11 @@ def _user_name() -> str:
         return f"uid {os.geteuid()}"
 
 
-def _write(
-    cur: sqlite3.Cursor, work: Callable[[sqlite3.Cursor], Any], what: str, one_statement: bool
-) -> Any:
-    """Run `work(cur)` as one write transaction, with retries; its result.
-
-    `one_statement`: work runs exactly one statement, which is then its own
-    transaction: SQLite takes the write lock as the statement starts, before
-    it reads anything, as BEGIN IMMEDIATE does, and holds it only while
-    SQLite runs that statement, never while Python runs. Otherwise work runs
-    between BEGIN IMMEDIATE and COMMIT. Raises Unavailable, or the
-    sqlite3.Error, after logging and counting a failure.
-    """
-    conn = cur.connection
-
-    lock_wait: float | None = None  # from asking (queue included) to holding the lock
-
-    def in_transaction() -> Any:
-        nonlocal lock_wait
-        cur.execute("BEGIN IMMEDIATE")
-        lock_wait = time.monotonic() - asked
-        try:
-            result = work(cur)
-            cur.execute("COMMIT")
-        except BaseException:
-            if conn.in_transaction:
-                cur.execute("ROLLBACK")
-            raise
-        return result
-
-    def statement() -> Any:
-        nonlocal lock_wait
-        result = work(cur)
-        lock_wait = time.monotonic() - asked
-        return result
-
-    conn.figures.writes += 1
-    if listeners:
-        notify("writes", 1)
-    # The database's files must still be those this connection holds: a write
-    # into a file removed or replaced under the server would be lost, and
-    # one locked through a removed -shm could overwrite another process's.
-    refused = _registry.refused.get(conn.path)
-    if refused is None and (changed := _file_changed(conn)) is not None:
-        _refuse(conn, changed, wrote_since=False)
-        refused = changed
-    if refused is not None:
-        _note(conn.figures, "write_failures")
-        raise Unavailable(f"database files changed: {refused}")
-    asked = time.monotonic()
-    deadline = asked + LOCK_BUDGET_MS / 1000
-    # A transaction runs Python while it holds the lock: it waits its turn
-    # in the queue first. A single statement holds it only inside SQLite.
-    queued = not one_statement and conn.queue.enter(deadline)
+def _size(name: str) -> int:
     try:
-        result = retrying(
-            conn, statement if one_statement else in_transaction, conn.figures, deadline
-        )
-    except sqlite3.Error as exc:
-        failure = _failed(conn, "write", what, exc)
-        if failure is exc:
-            raise
-        raise failure from exc
-    finally:
-        if queued:
-            conn.queue.leave()
-        waited = time.monotonic() - asked if lock_wait is None else lock_wait
-        conn.figures.write_lock_wait_s += waited
-        if listeners:
-            notify("write_lock_wait_s", waited)
-    # Removed in the moment since the look above, the file may hold this
-    # commit alone: then it is in the copy _refuse saves.
-    if (changed := _file_changed(conn)) is not None:
-        _refuse(conn, changed, wrote_since=True)
-    else:
-        _checkpoint_now_and_then(conn)
-    return result
-
-
-def _read(cur: sqlite3.Cursor, fetch: Callable[[], Any], what: str) -> Any:
-    """What `fetch()` returns, with retries; raises as _write does."""
-    conn = cur.connection
-    conn.figures.reads += 1
-    if listeners:
-        notify("reads", 1)
-    try:
-        return retrying(conn, fetch, conn.figures)
-    except sqlite3.Error as exc:
-        failure = _failed(conn, "read", what, exc)
-        if failure is exc:
-            raise
-        raise failure from exc
+        return os.path.getsize(name)
+    except OSError:
+        return 0
 
 
 def _columns(cur: sqlite3.Cursor, table: str) -> tuple[str, ...]:
@@ -984,332 +1491,9 @@ def _columns(cur: sqlite3.Cursor, table: str) -> tuple[str, ...]:
     return cache[table]
 
 
-def table_columns(cur: sqlite3.Cursor, table: str) -> list[str]:
-    """The columns of `table` in their order; [] when there is no such table.
-
-    Raises Unavailable as a read does.
-    """
-    if not isinstance(cur, sqlite3.Cursor):  # another engine's cursor (lite_pg)
-        return cur.table_columns(table)
-    rows = query(cur, "SELECT name FROM pragma_table_info(?)", (table,))
-    return [row[0] for row in rows]
-
-
 def _check_columns(cur: sqlite3.Cursor, table: str, names: Iterable[str]) -> tuple[str, ...]:
     columns = _columns(cur, table)
     for name in names:
         if name not in columns:
             raise ValueError(f"no such column: {table}.{name!r}")
     return columns
-
-
-# Connections
-
-
-def connect(path: str, create: bool = True) -> Connection:
-    """This thread's connection to `path` in this process, opened on first use.
-
-    `create`: make the database file if it is missing (a server passes
-    False, so that a deleted database never comes back empty). A connection
-    that could not write (opened while the file was not writable) is
-    replaced once the file is writable again. Raises Unavailable (logged) if
-    the database cannot be opened or its file changed under this process,
-    RuntimeError if SQLite is older than SQLITE_NEEDED.
-    """
-    registry = _registry
-    if registry.pid != os.getpid():
-        registry.forked()
-    key = (path, threading.get_ident())
-    conn = registry.connections.get(key)
-    if (
-        conn is not None
-        and conn.thread is threading.current_thread()
-        and not conn.reopen
-        and not (conn.read_only and os.access(path, os.W_OK))
-    ):
-        return conn
-    if path in registry.refused:
-        raise Unavailable(f"database files changed: {registry.refused[path]}")
-    if os.path.exists(refusal_marker(path)):
-        log.error(
-            "cannot open database %s: it was removed or replaced while in use (%s);"
-            " restore it with ./serve.sh restore FILE",
-            path,
-            refusal_marker(path),
-        )
-        registry.refused[path] = f"see {refusal_marker(path)}"  # logged once per process
-        raise Unavailable(f"database files changed: {registry.refused[path]}")
-    with registry.lock:
-        # Thread idents are reused: a connection under this key may be a
-        # dead thread's. Close it, and those of every other ended thread.
-        for other_key, other in list(registry.connections.items()):
-            if other_key == key or not other.thread.is_alive():
-                registry.retire(other_key)
-    try:
-        conn = _open(path, create)
-    except sqlite3.Error as exc:
-        code = _primary_code(exc)
-        log.error("cannot open database %s: %s%s", path, exc, _advice(code, path))
-        _note(registry.closed_figures, "read_failures")
-        raise Unavailable(f"cannot open database: {exc}") from exc
-    if conn.split is not None:
-        # The processes holding the old files notice at their next write,
-        # refuse and save what they hold; this one must not write beside them.
-        conn.close()
-        registry.refused[path] = conn.split
-        log.error(
-            "database changed under lite: %s. This process refuses the database: stop lite,"
-            " restore the copy named in %s if there is one (./serve.sh restore FILE), start lite",
-            conn.split,
-            refusal_marker(path),
-        )
-        _note(registry.closed_figures, "read_failures")
-        raise Unavailable(f"database files changed: {conn.split}")
-    registry.connections[key] = conn
-    return conn
-
-
-def cursor(path: str, create: bool = True) -> sqlite3.Cursor:
-    """A fresh cursor on this thread's connection (see `connect`); the caller closes it.
-
-    Raises Unavailable (logged and counted) if the database cannot be opened.
-    """
-    return connect(path, create).cursor()
-
-
-def close_all() -> None:
-    """Close every connection of this process and forget its figures and refusals.
-
-    For shutdown, and for tests to start afresh: the one reset of this
-    module's state.
-    """
-    registry = _registry
-    if registry.pid != os.getpid():
-        registry.forked()
-    with registry.lock:
-        for key in list(registry.connections):
-            registry.retire(key)
-        registry.closed_figures = Figures()
-        registry.refused = {}
-
-
-def _close_at_exit() -> None:
-    # The last connection to close checkpoints the WAL and removes -wal and
-    # -shm. Left to interpreter teardown, connections are not always freed
-    # (a live helper thread of the write queue is enough to prevent it).
-    try:
-        close_all()
-    except sqlite3.Error as exc:
-        log.warning("closing lite's connections at exit: %s", exc)
-
-
-atexit.register(_close_at_exit)
-
-
-def figures() -> dict[str, Any]:
-    """This process's figures: its open connections' and its closed ones', summed.
-
-    Also `connections`: how many connections this process has open now.
-    """
-    registry = _registry
-    total = Figures()
-    open_now = []
-    if registry.pid == os.getpid():
-        total.add(registry.closed_figures)
-        open_now = list(registry.connections.values())
-        for conn in open_now:
-            total.add(conn.figures)
-    return {**asdict(total), "connections": len(open_now)}
-
-
-def ensure_tables(cur: sqlite3.Cursor, feature: str, version: int, tables: Sequence[str]) -> None:
-    """Create the tables of `feature` if this database lacks them, and record its version.
-
-    `tables`: CREATE ... IF NOT EXISTS statements. Runs at most once per
-    connection and feature; a write only when the feature is new to the
-    database. Raises Unavailable as a write does.
-    """
-    if not isinstance(cur, sqlite3.Cursor):  # another engine's cursor (lite_pg)
-        cur.ensure_tables(feature, version, tables)
-        return
-    conn = cur.connection
-    if feature in conn.tables_ready:
-        return
-
-    def recorded() -> int:
-        if cur.execute("SELECT 1 FROM sqlite_schema WHERE name = 'lite_schema'").fetchone():
-            row = cur.execute(
-                "SELECT version FROM lite_schema WHERE feature = ?", (feature,)
-            ).fetchone()
-            return row[0] if row else 0
-        return 0
-
-    if _read(cur, recorded, f"schema of {feature}") < version:
-
-        def create(cur: sqlite3.Cursor) -> None:
-            for statement in (*_SCHEMA_TABLE, *tables):
-                cur.execute(statement)
-            cur.execute(
-                "INSERT INTO lite_schema (feature, version) VALUES (?, ?)"
-                " ON CONFLICT (feature) DO UPDATE SET version = excluded.version",
-                (feature, version),
-            )
-
-        _write(cur, create, f"tables of {feature}", one_statement=False)
-    conn.tables_ready.add(feature)
-
-
-# Reads and writes that raise Unavailable
-
-
-def query(cur: sqlite3.Cursor, sql: str, params: Sequence[Any] = ()) -> list[sqlite3.Row]:
-    """All rows of a read-only query, in its own read transaction.
-
-    Raises Unavailable, or the sqlite3.Error, after logging and counting it.
-    """
-    if not isinstance(sql, str):
-        raise ValueError("sql must be a string")
-    if not isinstance(cur, sqlite3.Cursor):  # another engine's cursor (lite_pg)
-        return cur.query(sql, params)
-    return _read(cur, lambda: cur.execute(sql, params).fetchall(), "query")
-
-
-def write(
-    cur: sqlite3.Cursor, work: Callable[[sqlite3.Cursor], Any], one_statement: bool = False
-) -> Any:
-    """Run `work(cur)` in one BEGIN IMMEDIATE transaction; its result.
-
-    The way to read, compute in Python and write back without losing
-    updates (lite_counters.update_counter shows it). `one_statement`: work
-    runs exactly one statement, which is then its own transaction, locked
-    before it reads and only while SQLite runs it. `work` may be run again
-    after a busy error, so it must have no effects outside the database.
-    Raises Unavailable, or the sqlite3.Error, after logging and counting it;
-    nothing was written then.
-    """
-    if not isinstance(cur, sqlite3.Cursor):  # another engine's cursor (lite_pg)
-        return cur.write(work, one_statement)
-    return _write(cur, work, getattr(work, "__name__", "write"), one_statement)
-
-
-# The original's helpers: False (or None) on failure
-
-
-def transact(
-    cur: sqlite3.Cursor,
-    work: Callable[[sqlite3.Cursor], Any] | Sequence[tuple[str, Sequence[Any]]],
-) -> Any:
-    """Run `work` in one write transaction that holds the write lock throughout.
-
-    `work` is a list of (sql, params) statements, or a callable taking the
-    cursor (see `write`), which must not return False. Returns the
-    callable's result (True for a list, or when the callable returns None);
-    False on failure (logged and counted): test with `is False`.
-    """
-    if callable(work):
-        run = work
-    elif isinstance(work, Sequence) and not isinstance(work, str):
-        statements = list(work)
-
-        def run(cur: sqlite3.Cursor) -> None:
-            for sql, params in statements:
-                cur.execute(sql, params)
-
-    else:
-        raise ValueError("work must be a callable or a list of (sql, params)")
-
-    def run_and_mark(cur: sqlite3.Cursor) -> Any:
-        result = run(cur)
-        return True if result is None else result
-
-    try:
-        return _write(cur, run_and_mark, "transact", one_statement=False)
-    except (Unavailable, sqlite3.Error):
-        return False
-
-
-def transact_one(cur: sqlite3.Cursor, sql: str, params: Sequence[Any] = ()) -> Any:
-    """Run one statement in a write transaction.
-
-    Returns the first row it returns (RETURNING), else True; False on failure.
-    """
-    if not isinstance(sql, str):
-        raise ValueError("sql must be a string")
-
-    def run(cur: sqlite3.Cursor) -> Any:
-        rows = cur.execute(sql, params).fetchall()
-        return rows[0] if rows else True
-
-    what = sql.split(None, 1)[0] if sql.strip() else "empty"
-    try:
-        return _write(cur, run, what, one_statement=True)
-    except (Unavailable, sqlite3.Error):
-        return False
-
-
-def transact_many(cur: sqlite3.Cursor, sql: str, seq_of_params: Iterable[Sequence[Any]]) -> bool:
-    """Run one statement for each parameter set, all in one write transaction.
-
-    Returns True, or False on failure (then nothing was written).
-    """
-    if not isinstance(sql, str):
-        raise ValueError("sql must be a string")
-    rows = list(seq_of_params)
-
-    def run(cur: sqlite3.Cursor) -> bool:
-        cur.executemany(sql, rows)
-        return True
-
-    try:
-        return _write(cur, run, "transact_many", one_statement=False)
-    except (Unavailable, sqlite3.Error):
-        return False
-
-
-def get(cur: sqlite3.Cursor, table: str, key: Any, attr: str, default: Any = None) -> Any:
-    """One attribute of the row of `table` whose primary key is `key`.
-
-    Returns `default` if there is no such row; None on failure. Raises
-    ValueError for an unknown table or column.
-    """
-    columns = _check_columns(cur, table, [attr])
-    sql = f'SELECT "{attr}" FROM "{table}" WHERE "{columns[0]}" = ?'
-    try:
-        row = _read(cur, lambda: cur.execute(sql, (key,)).fetchone(), f"get {table}.{attr}")
-    except (Unavailable, sqlite3.Error):
-        return None
-    return default if row is None else row[0]
-
-
-def upsert(cur: sqlite3.Cursor, table: str, row: dict[str, Any]) -> bool:
-    """Insert `row`, or update the row with the same primary key.
-
-    For setting values, never for read-modify-write (see the module docstring).
-    Returns True, or False on failure. Raises ValueError for an unknown table
-    or column, or when `row` lacks the primary key.
-    """
-    if not isinstance(row, dict) or not row:
-        raise ValueError("row must be a non-empty dict")
-    columns = _check_columns(cur, table, row)
-    key = columns[0]
-    if key not in row:
-        raise ValueError(f"row lacks the primary key {key!r}")
-    names = list(row)
-    quoted = [f'"{name}"' for name in names]
-    updates = [f"{q} = excluded.{q}" for name, q in zip(names, quoted, strict=True) if name != key]
-    action = "UPDATE SET " + ", ".join(updates) if updates else "NOTHING"
-    sql = (
-        f'INSERT INTO "{table}" ({", ".join(quoted)}) '
-        f"VALUES ({', '.join('?' for _ in names)}) "
-        f'ON CONFLICT ("{key}") DO {action}'
-    )
-    values = [row[name] for name in names]
-
-    def run(cur: sqlite3.Cursor) -> bool:
-        cur.execute(sql, values)
-        return True
-
-    try:
-        return _write(cur, run, f"upsert {table}", one_statement=True)
-    except (Unavailable, sqlite3.Error):
-        return False

@@ -26,9 +26,8 @@ from typing import Any
 
 import flask
 
+import lite_counters
 import lite_db
-
-RETRY_AFTER_S = 1
 
 
 class Lite:
@@ -65,8 +64,7 @@ class Lite:
             cur.close()
 
 
-def _unavailable(_exc: lite_db.Unavailable) -> flask.Response:
-    response = flask.jsonify(error="database busy, retry later")
-    response.status_code = 503
-    response.headers["Retry-After"] = str(RETRY_AFTER_S)
-    return response
+def _unavailable(exc: lite_db.Unavailable) -> tuple[flask.Response, int, dict[str, str]]:
+    """503 with Retry-After, as lite_counters.answer_for says."""
+    status, error, headers = lite_counters.answer_for(exc)
+    return flask.jsonify(error=error), status, headers

@@ -34,7 +34,8 @@ Contract:
 - `Metrics.request(route, method, status, seconds)` counts one request; it
   and every other count never raise.
 - `Metrics.render(db_path)` is the text format; `Metrics.totals(db_path)` the
-  same figures as a dict, for /lite/stats and the page. Both raise
+  same sums as a dict, for /lite/stats and the page (`db_path`: the SQLite
+  file whose sizes are measured; None for a database server). Both raise
   MetricsUnavailable, naming the reason, when the directory cannot be read
   or holds a file that is not a metrics file.
 """
@@ -746,7 +747,7 @@ class Metrics:
         return prometheus_client.generate_latest(_Collected(families))
 
     def totals(self, db_path: str | None) -> dict[str, Any]:
-        """The figures /lite/stats shows: sums over every process, and the gauges.
+        """What /lite/stats shows: the totals over every process, and the gauges.
 
         Raises MetricsUnavailable, naming the reason.
         """
@@ -766,8 +767,6 @@ class Metrics:
         return {
             "totals": totals,
             "processes": int(gauges.get("lite_processes", 0)),
-            "db_bytes": int(gauges.get("lite_db_bytes", 0)),
-            "wal_bytes": int(gauges.get("lite_db_wal_bytes", 0)),
             "last_checkpoint_at": gauges.get("lite_db_last_checkpoint_timestamp_seconds") or None,
         }
 

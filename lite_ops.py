@@ -1,18 +1,18 @@
-"""Operating a lite database: health, the database's figures, backup, checks.
+"""Operating a lite database: health, backup, checks, and the `lite` command.
 
 Contract:
 - `health(cur)` reads and writes within the lock budget; it returns None when
   both work, else the reason. Its one row lives in `lite_health`, made on
   first use.
-- `database_figures(cur)`: the settings read back from the live connection
-  and the files' sizes (the figures of the processes are lite_metrics').
 - `backup(path, dest)` copies the live database consistently (SQLite's
   backup API, one step) and checks the copy; `check(path)` runs
   `PRAGMA integrity_check` on a file, read-only. Both return False (logged)
   on failure and never overwrite.
 - Command line: `lite` (or `python -m lite_ops`) `backup DB DEST | check
-  DB | apply-config [--again] DB-OR-URL CONFIG | --version`; exit status 0
-  on success, 1 on failure, 2 on bad usage.
+  DB | apply-config [--again] DB-OR-URL CONFIG | files DB | where |
+  --version`; exit status 0 on success, 1 on failure, 2 on bad usage.
+  `files` and `where` are how the shell scripts learn a database's files
+  and the app's database (`app_database()`) instead of spelling them out.
 """
 
 import argparse
@@ -21,7 +21,6 @@ import os
 import sqlite3
 import sys
 import time
-from typing import Any
 
 import lite_config
 import lite_counters
@@ -44,8 +43,7 @@ def health(cur: sqlite3.Cursor) -> str | None:
     failed", "write failed", or "files changed: …" once the database file
     was removed or replaced under this process; the details are logged).
     """
-    path = getattr(cur.connection, "path", None)  # None: not SQLite (lite_pg)
-    refused = lite_db.refusal(path) if path else None
+    refused = cur.connection.engine.refusal(cur.connection)
     if refused is not None:
         return f"files changed: {refused}"
     try:
@@ -67,41 +65,6 @@ def health(cur: sqlite3.Cursor) -> str | None:
     except lite_db.Unavailable:
         return "write failed"
     return None
-
-
-def database_figures(cur: sqlite3.Cursor) -> dict[str, Any]:
-    """Settings read back from the live connection, and the files' sizes.
-
-    Raises lite_db.Unavailable.
-    """
-    if not isinstance(cur, sqlite3.Cursor):  # another engine's cursor (lite_pg)
-        return cur.database_figures()
-    synchronous_names = {0: "OFF", 1: "NORMAL", 2: "FULL", 3: "EXTRA"}
-    path = cur.connection.path
-    rows = lite_db.query(
-        cur,
-        "SELECT * FROM pragma_journal_mode, pragma_synchronous, pragma_busy_timeout,"
-        " pragma_journal_size_limit, pragma_page_size, pragma_page_count",
-    )
-    journal_mode, synchronous, busy_timeout, size_limit, page_size, page_count = rows[0]
-    return {
-        "journal_mode": journal_mode,
-        "synchronous": synchronous_names.get(synchronous, "?"),
-        "busy_timeout_ms": busy_timeout,
-        "lock_budget_ms": lite_db.LOCK_BUDGET_MS,
-        "journal_size_limit_bytes": size_limit,
-        "page_size": page_size,
-        "page_count": page_count,
-        "db_bytes": _size(path),
-        "wal_bytes": _size(path + "-wal"),
-    }
-
-
-def _size(name: str) -> int:
-    try:
-        return os.path.getsize(name)
-    except OSError:
-        return 0
 
 
 def backup(path: str, dest: str) -> bool:
@@ -153,6 +116,22 @@ def check(path: str) -> bool:
     return result == "ok"
 
 
+# The app's database, relative to the app's directory (the server's working
+# directory: mod_wsgi's home=, gunicorn's --chdir); lite_app's default.
+DEFAULT_DB_PATH = os.path.join("data", "lite.db")
+
+
+def app_database() -> str:
+    """The app's database, absolute: $LITE_DB_PATH, else DEFAULT_DB_PATH beside this module.
+
+    The app is installed as one directory ($LITE_HOME/app, also the
+    daemons' working directory), so the shell scripts ask this (`lite
+    where`) instead of spelling the path out.
+    """
+    here = os.path.dirname(os.path.abspath(__file__))
+    return os.path.abspath(os.environ.get("LITE_DB_PATH") or os.path.join(here, DEFAULT_DB_PATH))
+
+
 def main(argv: list[str] | None = None) -> int:
     """The command line (`lite`, or `python -m lite_ops`); returns the exit status.
 
@@ -181,10 +160,23 @@ def main(argv: list[str] | None = None) -> int:
         help="apply it even if this version is applied already (on PostgreSQL a touch is not"
         " a version)",
     )
+    command = commands.add_parser(
+        "files", help="every file of a database at DB, one a line: DB itself first"
+    )
+    command.add_argument("db")
+    commands.add_parser(
+        "where", help="the app's database: $LITE_DB_PATH, else data/lite.db beside lite_ops.py"
+    )
     try:
         args = parser.parse_args(argv)
     except SystemExit as exc:  # --help, --version (0) or bad usage (2), already printed
         return int(exc.code or 0)
+    if args.command == "files":
+        print(*lite_db.database_files(args.db), sep="\n")
+        return 0
+    if args.command == "where":
+        print(app_database())
+        return 0
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     if args.command == "backup":
         try:

@@ -49,7 +49,7 @@ applied {{version["applied"]}} by process {{version["applied_by"]}}.</p>
 
 <h2>Live figures</h2>
 <table id="figures">
-% for label, key, value in figures:
+% for label, key, value in stats:
 <tr><td>{{label}}</td><td class="num" data-stat="{{key}}">{{value}}</td></tr>
 % end
 </table>
@@ -60,8 +60,8 @@ server started, those that have exited included;
 <span id="refreshed">as of loading this page</span>.
 Health: <a href="/lite/health">/lite/health</a>. Served by process {{pid}}.</p>
 <script>
-// Every 2 s, fetch this page again and take its figures and values: the
-// server formats each figure, in one place.
+// Every 2 s, fetch this page again and take its numbers and values: the
+// server formats each number, in one place.
 (function () {
   function refresh() {
     fetch("/lite", {cache: "no-store"}).then(function (r) {

@@ -1,36 +1,35 @@
-"""lite on PostgreSQL: lite_db's helpers, for LITE_DATABASE_URL=postgresql://…
+"""lite on PostgreSQL: lite_db's engine interface, for LITE_DATABASE_URL=postgresql://…
 
 The same contract as lite_db, on an engine several machines can share:
-- A connection per process and thread, opened lazily, opened anew after a
-  fork and after the server restarted (a connection found broken is
-  replaced before the next statement).
+- A connection per process and thread, held in lite_db's registry, opened
+  lazily, opened anew after a fork and after the server restarted (a
+  connection found broken is replaced before the next statement).
 - `cursor(url)` gives a Cursor whose statements use lite_db's `?`
   placeholders and whose rows answer by index and by column name, as
-  sqlite3.Row does; close it when done. lite_db's write, query,
-  ensure_tables and table_columns, given one, run here: lite_counters,
-  lite_config and lite_ops work on either engine. lite's CREATE statements
-  are SQLite's, translated (`postgres_ddl`).
-- `write(cur, work, one_statement)` runs `work(cur)` in one transaction and
-  returns its result. A transaction is SERIALIZABLE; a one-statement write
-  is its own READ COMMITTED transaction, one round trip (one UPDATE … SET
-  value = value + 1 is atomic there). PostgreSQL's transient failures —
-  serialization failure, deadlock, a connection lost before COMMIT was
-  sent — are retried, with jittered sleeps, within lite_db.LOCK_BUDGET_MS
-  in all, so `work` may run more than once and must have no effects
-  outside the database. Past the budget (a lock held, the server
-  unreachable): Unavailable (lite_db's), nothing written. A connection lost
-  after COMMIT was sent (for a one-statement write: after the statement
-  was) leaves the outcome unknown: lite_db.OutcomeUnknown, never retried,
-  never Unavailable.
-- `query(cur, sql, params)`: all rows, one statement in one round trip,
-  within the budget, retried the same (a lost connection too: a read
-  changes nothing).
-- Every failure is logged and counted; lite_db.listeners get the events.
+  sqlite3.Row does; close it when done. Its connection's engine is
+  `PostgresEngine`: lite_db's write, query, ensure_tables and
+  table_columns, given the cursor, run here, so lite_counters, lite_config
+  and lite_ops work on either engine. lite's CREATE statements are
+  SQLite's, translated (`postgres_ddl`).
+- A write runs `work(cur)` in one transaction and returns its result. A
+  transaction is SERIALIZABLE; a one-statement write is its own READ
+  COMMITTED transaction, one round trip (one UPDATE … SET value = value + 1
+  is atomic there). PostgreSQL's transient failures — serialization
+  failure, deadlock, a connection lost before COMMIT was sent — are retried
+  by lite_db.retrying within lite_db.LOCK_BUDGET_MS in all, so `work` may
+  run more than once and must have no effects outside the database. Past
+  the budget (a lock held, the server unreachable): Unavailable (lite_db's),
+  nothing written. A connection lost after COMMIT was sent (for a
+  one-statement write: after the statement was) leaves the outcome
+  unknown: lite_db.OutcomeUnknown, never retried, never Unavailable.
+- A query: all rows, one statement in one round trip, within the budget,
+  retried the same (a lost connection too: a read changes nothing).
+- Every failure is logged and counted (lite_db.failed); lite_db.listeners
+  get the events.
 """
 
 import logging
 import os
-import random
 import re
 import select
 import threading
@@ -43,7 +42,6 @@ import psycopg.errors
 
 import lite_db
 
-RETRY_SLEEP_MAX_S = 0.005  # 5 ms: upper bound of one jittered sleep between retries
 CONNECT_TIMEOUT_S = 2  # the least connect_timeout libpq takes is 2 s
 RECONNECT_PAUSE_S = 0.1  # 100 ms between two attempts to reach a server that refused
 # Transient: the transaction was rolled back and may simply run again.
@@ -79,12 +77,15 @@ def _row_factory(cursor: psycopg.Cursor) -> Callable[[Sequence[Any]], Row]:
 
 
 class Connection(psycopg.Connection):
-    """A connection that knows whose it is: its URL and process; what it has checked."""
+    """A connection that knows whose it is, what it has done and checked (as lite_db's)."""
 
+    engine: "PostgresEngine"
     url: str
     pid: int
+    thread: threading.Thread
+    figures: lite_db.Figures
     tables_ready: set[str]
-    last_prune: float  # time.monotonic() of its last pruning of expired keys (lite_counters)
+    state: dict[str, Any]
     timeout_ms: int  # the session's lock_timeout and statement_timeout, as last set
 
 
@@ -92,11 +93,8 @@ class Cursor:
     """A statement runner on this thread's connection, with lite_db's `?` placeholders.
 
     Its connection is replaced (and the statement fails) when found broken;
-    write and query run their work again on the new one. lite_db's write,
-    query, ensure_tables and table_columns, given this cursor, call its own.
+    write and query run their work again on the new one.
     """
-
-    engine = "postgresql"
 
     def __init__(self, url: str) -> None:
         self.url = url
@@ -127,7 +125,7 @@ class Cursor:
     def reconnect(self) -> None:
         """Take a new connection, the old one being broken."""
         self.close()
-        _registry.forget(self.connection)
+        lite_db.registry.discard(self.connection)
         self.connection = connect(self.url)
         self._cursor = self.connection.cursor(row_factory=_row_factory)
 
@@ -135,37 +133,86 @@ class Cursor:
         if not self._cursor.closed and not self.connection.broken:
             self._cursor.close()
 
-    def write(self, work: Callable[["Cursor"], Any], one_statement: bool = False) -> Any:
-        return write(self, work, one_statement)
 
-    def query(self, sql: str, params: Sequence[Any] = ()) -> list[Row]:
-        return query(self, sql, params)
+class PostgresEngine(lite_db.Engine):
+    """PostgreSQL through lite_pg: the engine of every lite_pg `Connection`."""
 
-    def ensure_tables(self, feature: str, version: int, tables: Sequence[str]) -> None:
-        ensure_tables(self, feature, version, tables)
+    vendor = "postgresql"
+    features = lite_db.Features(local_files=False, shared_by_machines=True)
 
-    def table_columns(self, table: str) -> list[str]:
-        rows = query(
-            self,
+    def write(
+        self, cur: Cursor, work: Callable[[Cursor], Any], what: str, one_statement: bool
+    ) -> Any:
+        lite_db.count(cur.connection.figures, "writes")
+        asked = time.monotonic()
+        waited = None  # until it could start; on failure, all the time it tried
+        try:
+            result, waited = _run(
+                cur, lambda: work(cur), "write", what, None if one_statement else "SERIALIZABLE"
+            )
+        finally:
+            lite_db.count(
+                cur.connection.figures,
+                "write_lock_wait_s",
+                time.monotonic() - asked if waited is None else waited,
+            )
+        return result
+
+    def query(self, cur: Cursor, sql: str, params: Sequence[Any]) -> list[Row]:
+        result, _ = _run(cur, lambda: cur.execute(sql, params).fetchall(), "read", "query", None)
+        return result
+
+    def create_tables(self, cur: Cursor, feature: str, version: int, tables: Sequence[str]) -> None:
+        """Concurrent first calls from many processes are serialized by an advisory
+        lock held inside the creating transaction."""
+
+        def create(cur: Cursor) -> None:
+            cur.execute("SELECT pg_advisory_xact_lock(hashtext('lite_schema'))")
+            for statement in lite_db.SCHEMA_TABLES:
+                cur.execute(postgres_ddl(statement))
+            row = cur.execute(
+                "SELECT version FROM lite_schema WHERE feature = ?", (feature,)
+            ).fetchone()
+            if row is not None and row[0] >= version:
+                return
+            for statement in tables:
+                cur.execute(postgres_ddl(statement))
+            cur.execute(
+                "INSERT INTO lite_schema (feature, version) VALUES (?, ?)"
+                " ON CONFLICT (feature) DO UPDATE SET version = excluded.version",
+                (feature, version),
+            )
+
+        # READ COMMITTED: behind the advisory lock, a second process sees the first's tables.
+        _run(cur, lambda: create(cur), "write", f"tables of {feature}", "READ COMMITTED")
+
+    def table_columns(self, cur: Cursor, table: str) -> list[str]:
+        rows = self.query(
+            cur,
             "SELECT column_name FROM information_schema.columns"
             " WHERE table_schema = current_schema() AND table_name = ? ORDER BY ordinal_position",
             (table,),
         )
         return [row[0] for row in rows]
 
-    def database_figures(self) -> dict[str, Any]:
-        (row,) = query(
-            self,
+    def describe(self, cur: Cursor) -> dict[str, Any]:
+        (row,) = self.query(
+            cur,
             "SELECT current_setting('server_version') AS server_version,"
             " pg_database_size(current_database()) AS db_bytes",
+            (),
         )
         return {
-            "engine": self.engine,
+            "engine": self.vendor,
             "server_version": row["server_version"],
             "isolation": "serializable (transactions), read committed (one statement)",
             "lock_budget_ms": lite_db.LOCK_BUDGET_MS,
             "db_bytes": row["db_bytes"],
         }
+
+
+POSTGRES = PostgresEngine()
+Connection.engine = POSTGRES
 
 
 def _placeholders(sql: str) -> str:
@@ -189,26 +236,6 @@ def postgres_ddl(statement: str) -> str:
     return re.sub(r"\)\s*STRICT\s*$", ")", statement)
 
 
-class _Registry:
-    """This process's connections, one per URL and thread."""
-
-    def __init__(self) -> None:
-        self.pid = os.getpid()
-        self.connections: dict[tuple[str, int], Connection] = {}
-        self.lock = threading.Lock()
-
-    def forget(self, conn: Connection) -> None:
-        with self.lock:
-            for key, held in list(self.connections.items()):
-                if held is conn:
-                    del self.connections[key]
-        if not conn.closed:
-            conn.close()
-
-
-_registry = _Registry()
-
-
 def _open(url: str) -> Connection:
     """A new connection in autocommit mode (lite sends BEGIN itself); Unavailable if none."""
     try:
@@ -216,7 +243,8 @@ def _open(url: str) -> Connection:
     except psycopg.OperationalError as exc:
         log.warning("cannot connect to PostgreSQL: %s", str(exc).strip().splitlines()[0])
         raise lite_db.Unavailable("cannot connect") from None
-    conn.url, conn.pid, conn.tables_ready, conn.last_prune = url, os.getpid(), set(), 0.0
+    conn.url, conn.pid, conn.thread = url, os.getpid(), threading.current_thread()
+    conn.figures, conn.tables_ready, conn.state = lite_db.Figures(), set(), {}
     conn.timeout_ms = 0  # PostgreSQL's default: none
     return conn
 
@@ -224,49 +252,25 @@ def _open(url: str) -> Connection:
 def connect(url: str) -> Connection:
     """This process's and thread's connection to `url`, opened if needed.
 
-    After a fork the parent's connections are dropped (never closed: closing
-    would end the parent's session); a broken one is replaced; those of
-    threads that have ended are closed (a server with a thread per request
-    would otherwise keep a session per request). Raises Unavailable
-    when the server cannot be reached.
+    Held in lite_db's registry, as SQLite's are: after a fork the parent's
+    connections are kept referenced and never used or closed (closing would
+    end the parent's session); those of threads that have ended are closed
+    (a server with a thread per request would otherwise keep a session per
+    request); a broken one is replaced. Raises Unavailable when the server
+    cannot be reached.
     """
-    registry = _registry
-    if registry.pid != os.getpid():
-        registry.__init__()  # a forked child: start over
-    if len(registry.connections) > threading.active_count():  # some threads have ended
-        running = {thread.ident for thread in threading.enumerate()}
-        for (_, ident), held in list(registry.connections.items()):
-            if ident not in running:
-                registry.forget(held)
-    key = (url, threading.get_ident())
-    conn = registry.connections.get(key)
+    conn = lite_db.registry.held(url)
     if conn is not None and not conn.broken and not conn.closed:
         return conn
-    if conn is not None:
-        registry.forget(conn)
+    lite_db.registry.make_room(url)
     conn = _open(url)
-    with registry.lock:
-        registry.connections[key] = conn
+    lite_db.registry.keep(url, conn)
     return conn
 
 
 def cursor(url: str) -> Cursor:
     """A new Cursor on this thread's connection to `url`; raises Unavailable."""
     return Cursor(url)
-
-
-def close_all() -> None:
-    """Close every connection of this process."""
-    registry = _registry
-    if registry.pid != os.getpid():
-        registry.__init__()
-        return
-    for conn in list(registry.connections.values()):
-        registry.forget(conn)
-
-
-def _sleep_before_retry(deadline: float) -> None:
-    time.sleep(min(random.uniform(0, RETRY_SLEEP_MAX_S), max(0.0, deadline - time.monotonic())))
 
 
 def _ended_by_server(conn: Connection) -> bool:
@@ -298,26 +302,38 @@ def _run(
     `isolation`: attempt() runs in one transaction of that level; None: it
     runs one statement, its own transaction (one round trip), for which a
     lost connection means the outcome is unknown — unless kind is "read".
-    Raises Unavailable, OutcomeUnknown or the database error, logged and counted.
+    Retried through lite_db.retrying: a serialization failure or deadlock, a
+    connection lost before COMMIT was sent, a server that refused (then
+    after RECONNECT_PAUSE_S). Raises Unavailable, OutcomeUnknown or the
+    database error, logged and counted.
     """
     asked = time.monotonic()
     budget_ms = lite_db.LOCK_BUDGET_MS
     deadline = asked + budget_ms / 1000
-    while True:
-        remaining_ms = int((deadline - time.monotonic()) * 1000)
-        committing = False
+    began = 0.0
+    committing = False
+    pausing = False  # a server refused, and the budget leaves time to try again after a pause
+
+    def once() -> Any:
+        nonlocal began, committing, pausing
+        committing = pausing = False
         try:
-            if remaining_ms <= 0:
-                raise lite_db.Unavailable("lock budget spent")
             if cur.connection.broken or cur.connection.closed or _ended_by_server(cur.connection):
                 cur.reconnect()
-            began = time.monotonic() - asked
+        except lite_db.Unavailable:
+            pausing = time.monotonic() + RECONNECT_PAUSE_S < deadline
+            if pausing:
+                time.sleep(RECONNECT_PAUSE_S)  # a server restarting: try again within the budget
+            raise
+        began = time.monotonic() - asked
+        remaining_ms = max(1, int((deadline - time.monotonic()) * 1000))
+        try:
             if isolation is None:
                 # The budget's rest bounds waits inside the server too; the
                 # first attempt's is the whole budget, as the session has it.
                 _set_timeouts(cur, budget_ms if remaining_ms > budget_ms - 50 else remaining_ms)
                 committing = kind == "write"
-                return attempt(), began
+                return attempt()
             cur.execute(
                 f"BEGIN ISOLATION LEVEL {isolation}; SET LOCAL lock_timeout = {remaining_ms};"
                 f" SET LOCAL statement_timeout = {remaining_ms}"
@@ -325,32 +341,33 @@ def _run(
             result = attempt()
             committing = True
             cur.execute("COMMIT")
-            return result, began
-        except RETRIED:
+            return result
+        except psycopg.Error:
             _rollback(cur)
-            lite_db.notify("busy_retries")
-            _sleep_before_retry(deadline)
-        except TIMED_OUT as exc:
-            _rollback(cur)
-            raise _failed(kind, what, exc, "database busy") from exc
-        except lite_db.Unavailable as exc:
-            if time.monotonic() + RECONNECT_PAUSE_S < deadline and exc.reason == "cannot connect":
-                time.sleep(RECONNECT_PAUSE_S)  # a server restarting: try again within the budget
-                continue
-            raise _failed(kind, what, exc, exc.reason) from None
-        except psycopg.OperationalError as exc:
-            if not cur.connection.broken:
-                _rollback(cur)
-                raise _failed(kind, what, exc, None) from exc
-            if committing:
-                lite_db.notify(f"{kind}_failures")
-                log.error("%s %s: connection lost while committing: outcome unknown", kind, what)
-                raise OutcomeUnknown(what) from exc
-            lite_db.notify("busy_retries")
-            _sleep_before_retry(deadline)
-        except psycopg.Error as exc:
-            _rollback(cur)
-            raise _failed(kind, what, exc, None) from exc
+            raise
+
+    def lost(exc: Exception) -> bool:
+        return isinstance(exc, psycopg.OperationalError) and cur.connection.broken
+
+    def transient(exc: Exception) -> bool:
+        if isinstance(exc, lite_db.Unavailable):
+            return pausing
+        return isinstance(exc, RETRIED) or (lost(exc) and not committing)
+
+    try:
+        return lite_db.retrying(None, once, cur.connection.figures, deadline, transient), began
+    except TIMED_OUT as exc:
+        raise _failed(cur, kind, what, exc, "database busy") from exc
+    except lite_db.Unavailable as exc:
+        raise _failed(cur, kind, what, exc, exc.reason) from None
+    except psycopg.Error as exc:
+        if lost(exc) and committing:
+            lite_db.count(cur.connection.figures, f"{kind}_failures")
+            log.error("%s %s: connection lost while committing: outcome unknown", kind, what)
+            raise OutcomeUnknown(what) from exc
+        if transient(exc):  # retried until the budget was spent
+            raise _failed(cur, kind, what, exc, "lock budget spent") from exc
+        raise _failed(cur, kind, what, exc, None) from exc
 
 
 def _rollback(cur: Cursor) -> None:
@@ -364,73 +381,6 @@ def _rollback(cur: Cursor) -> None:
         conn.close()
 
 
-def _failed(kind: str, what: str, exc: Exception, reason: str | None) -> Exception:
-    """Log and count a failure; Unavailable for `reason`, else exc itself."""
-    lite_db.notify(f"{kind}_failures")
-    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-    log.error("%s failed (%s): %s", kind, what, text)
-    return lite_db.Unavailable(reason) if reason is not None else exc
-
-
-def write(cur: Cursor, work: Callable[[Cursor], Any], one_statement: bool = False) -> Any:
-    """Run `work(cur)` in one transaction; its result (see the module's contract)."""
-    lite_db.notify("writes")
-    isolation = None if one_statement else "SERIALIZABLE"
-    asked = time.monotonic()
-    waited = None  # until it could start; on failure, all the time it tried
-    try:
-        result, waited = _run(
-            cur, lambda: work(cur), "write", getattr(work, "__name__", "write"), isolation
-        )
-    finally:
-        lite_db.notify("write_lock_wait_s", time.monotonic() - asked if waited is None else waited)
-    return result
-
-
-def query(cur: Cursor, sql: str, params: Sequence[Any] = ()) -> list[Row]:
-    """All rows of a read-only query, one statement; raises as write does."""
-    if not isinstance(sql, str):
-        raise ValueError("sql must be a string")
-    result, _ = _run(
-        cur,
-        lambda: cur.execute(sql, params).fetchall(),
-        "read",
-        "query",
-        None,
-    )
-    return result
-
-
-def ensure_tables(cur: Cursor, feature: str, version: int, tables: Sequence[str]) -> None:
-    """Create the tables of `feature` if missing, and record its version (lite_db's contract).
-
-    Concurrent first calls from many processes are serialized by an advisory
-    lock held inside the creating transaction.
-    """
-    conn = cur.connection
-    if feature in conn.tables_ready:
-        return
-
-    def create(cur: Cursor) -> None:
-        cur.execute("SELECT pg_advisory_xact_lock(hashtext('lite_schema'))")
-        cur.execute(
-            "CREATE TABLE IF NOT EXISTS lite_schema (feature TEXT PRIMARY KEY,"
-            " version INTEGER NOT NULL)"
-        )
-        row = cur.execute(
-            "SELECT version FROM lite_schema WHERE feature = ?", (feature,)
-        ).fetchone()
-        if row is not None and row[0] >= version:
-            return
-        for statement in tables:
-            cur.execute(postgres_ddl(statement))
-        cur.execute(
-            "INSERT INTO lite_schema (feature, version) VALUES (?, ?)"
-            " ON CONFLICT (feature) DO UPDATE SET version = excluded.version",
-            (feature, version),
-        )
-
-    create.__name__ = f"tables of {feature}"
-    # READ COMMITTED: behind the advisory lock, a second process sees the first's tables.
-    _run(cur, lambda: create(cur), "write", create.__name__, "READ COMMITTED")
-    conn.tables_ready.add(feature)
+def _failed(cur: Cursor, kind: str, what: str, exc: Exception, reason: str | None) -> Exception:
+    """Log and count a failure (lite_db.failed); Unavailable for `reason`, else exc itself."""
+    return lite_db.failed(cur.connection.figures, kind, what, exc, reason)

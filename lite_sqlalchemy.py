@@ -150,11 +150,8 @@ def _begin(raw: LiteConnection, write: bool, budget_ms: int) -> None:
         raw.execute(f"PRAGMA busy_timeout = {lite_db.LOCK_BUDGET_MS}")
     raw.transaction = "write"
     waited = time.monotonic() - asked
-    raw.figures.writes += 1
-    raw.figures.write_lock_wait_s += waited
-    if lite_db.listeners:
-        lite_db.notify("writes", 1)
-        lite_db.notify("write_lock_wait_s", waited)
+    lite_db.count(raw.figures, "writes")
+    lite_db.count(raw.figures, "write_lock_wait_s", waited)
 
 
 def _leave_queue(raw: LiteConnection) -> None:
@@ -386,13 +383,21 @@ def _unavailable(context: Any) -> Exception | None:
     if isinstance(error, _BeginFailed):
         context.is_disconnect = True  # the pool closes it: never reused half-open
         context.invalidate_pool_on_disconnect = False  # only it: the others are sound
-        reason = f"write failed: {error}"
-    elif isinstance(error, _WriteAfterRead):
+    statement = context.execution_context
+    writing = statement is not None and (
+        statement.isinsert or statement.isupdate or statement.isdelete
+    )
+    kind = "write" if writing or isinstance(error, (_BeginFailed, _WriteAfterRead)) else "read"
+    # The sync dialect's DBAPI connection is lite's and counts; the async
+    # adapter's is not: its failures reach the listeners (metrics) only.
+    raw = getattr(getattr(context.connection, "connection", None), "dbapi_connection", None)
+    figures = getattr(raw, "figures", None) or lite_db.Figures()
+    what = (context.statement or "")[:80]
+    if isinstance(error, (_BeginFailed, _WriteAfterRead)):
         reason = f"write failed: {error}"
     else:
         reason = f"database unavailable: {error}"
-    lite_db.log.error("%s (%s)", reason, (context.statement or "")[:80])
-    return lite_db.Unavailable(reason)
+    return lite_db.failed(figures, kind, what, error, reason)
 
 
 def run_once(engine: Engine, name: str, job: Callable[[SAConnection], Any]) -> bool:

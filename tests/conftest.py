@@ -21,7 +21,6 @@ import lite_app
 import lite_config
 import lite_counters
 import lite_db
-import lite_pg
 
 CONFIG = "[counters]\nhits = 0\nmisses = 0\n"
 
@@ -122,4 +121,4 @@ def pg_cluster():
 def pg_url(pg_cluster):
     """A new, empty PostgreSQL database of this test's own."""
     yield pg_cluster.new_database()
-    lite_pg.close_all()
+    lite_db.close_all()

@@ -25,6 +25,7 @@ DAEMONS = 20
 APP_FILES = (
     "lite_app.py",
     "lite_db.py",
+    "lite_engine.py",
     "lite_counters.py",
     "lite_config.py",
     "lite_ops.py",

@@ -308,7 +308,7 @@ def test_import_opens_nothing_and_paths_come_from_env_or_the_working_directory(t
     code = (
         "import lite_app, lite_db, os\n"
         "plugin = lite_app.application.plugins[-1]\n"
-        "print(plugin.db_path, plugin.config_path, lite_db.figures()['connections'])\n"
+        "print(plugin.database, plugin.config_path, lite_db.figures()['connections'])\n"
     )
     env = {**os.environ, "LITE_DB_PATH": str(db), "LITE_CONFIG_PATH": "/x/c.ini"}
     out = subprocess.run(

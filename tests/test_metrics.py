@@ -83,7 +83,7 @@ def test_requests_are_counted_by_route_pattern_method_and_status(app):
     assert after[writes] == before[writes] + 1
     waits = ("lite_db_write_lock_wait_seconds_count", ())
     assert after[waits] == before[waits] + 1  # one observation per write
-    assert after[("lite_db_bytes", ())] == os.path.getsize(app.app.config["lite.plugin"].db_path)
+    assert after[("lite_db_bytes", ())] == os.path.getsize(app.app.config["lite.plugin"].database)
 
 
 def test_metrics_and_live_answer_without_the_database(tmp_path, config_path):

@@ -20,6 +20,7 @@ pytestmark = pytest.mark.slow
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODULES = [
     "lite_db",
+    "lite_engine",
     "lite_counters",
     "lite_config",
     "lite_ops",
@@ -28,7 +29,8 @@ MODULES = [
     "lite_metrics",
 ]
 ADAPTERS = ["lite_flask", "lite_django.base", "lite_pg", "lite_sqlalchemy"]
-CORE = ["lite_db", "lite_counters", "lite_config", "lite_ops"]  # the standard library only
+# The standard library only:
+CORE = ["lite_db", "lite_engine", "lite_counters", "lite_config", "lite_ops"]
 
 
 def _run(*argv, cwd=None):

@@ -24,8 +24,8 @@ TABLES = ("CREATE TABLE IF NOT EXISTS tally (name TEXT PRIMARY KEY, value BIGINT
 
 def _ready(url):
     cur = lite_pg.cursor(url)
-    lite_pg.ensure_tables(cur, "tally", 1, TABLES)
-    lite_pg.write(
+    lite_db.ensure_tables(cur, "tally", 1, TABLES)
+    lite_db.write(
         cur, lambda c: c.execute("INSERT INTO tally VALUES ('hits', 0) ON CONFLICT DO NOTHING")
     )
     return cur
@@ -37,9 +37,9 @@ def _value(url):
 
 def test_rows_answer_by_index_and_name_with_question_mark_placeholders(pg_url):
     cur = _ready(pg_url)
-    (row,) = lite_pg.query(cur, "SELECT name, value FROM tally WHERE name = ?", ("hits",))
+    (row,) = lite_db.query(cur, "SELECT name, value FROM tally WHERE name = ?", ("hits",))
     assert (row[0], row["name"], row["value"]) == ("hits", "hits", 0)
-    assert lite_pg.query(cur, "SELECT '100%' AS p, ? AS q", ("x",))[0]["p"] == "100%"
+    assert lite_db.query(cur, "SELECT '100%' AS p, ? AS q", ("x",))[0]["p"] == "100%"
     cur.close()
 
 
@@ -59,9 +59,9 @@ def _increment(url, times, read_modify_write):
     seen = []
     for _ in range(times):
         if read_modify_write:
-            seen.append(lite_pg.write(cur, read_then_write))
+            seen.append(lite_db.write(cur, read_then_write))
         else:
-            seen.append(lite_pg.write(cur, add_one, one_statement=True))
+            seen.append(lite_db.write(cur, add_one, one_statement=True))
     cur.close()
     return seen
 
@@ -71,7 +71,7 @@ def _increment(url, times, read_modify_write):
 )
 def test_processes_count_exactly(pg_url, read_modify_write, processes, times):
     _ready(pg_url)
-    lite_pg.close_all()  # no connection carried into the children
+    lite_db.close_all()  # no connection carried into the children
     results = procs.run(_increment, [(pg_url, times, read_modify_write)] * processes)
     seen = sorted(value for values in results for value in values)
     assert seen == list(range(1, processes * times + 1))  # each acknowledged value once
@@ -85,7 +85,7 @@ def test_a_lock_held_past_the_budget_is_unavailable_and_writes_nothing(pg_url, m
         holder.execute("SELECT * FROM tally FOR UPDATE")
         began = time.monotonic()
         with pytest.raises(lite_db.Unavailable):
-            lite_pg.write(
+            lite_db.write(
                 cur,
                 lambda c: c.execute("UPDATE tally SET value = value + 1"),
                 one_statement=True,
@@ -98,7 +98,7 @@ def test_a_lock_held_past_the_budget_is_unavailable_and_writes_nothing(pg_url, m
 
 def _backend(url):
     cur = lite_pg.cursor(url)
-    return lite_pg.query(cur, "SELECT pg_backend_pid()")[0][0]
+    return lite_db.query(cur, "SELECT pg_backend_pid()")[0][0]
 
 
 def test_a_forked_child_opens_its_own_connection(pg_url):
@@ -125,7 +125,7 @@ def test_a_server_restart_is_survived(pg_url, pg_cluster):
     pg_cluster.script("stop")
     pg_cluster.script("start")
     assert (
-        lite_pg.write(
+        lite_db.write(
             cur,
             lambda c: c.execute("UPDATE tally SET value = value + 1 RETURNING value").fetchone()[0],
             one_statement=True,
@@ -152,7 +152,7 @@ def test_a_connection_lost_before_commit_is_retried(pg_url):
             _terminate(pg_url, c.execute("SELECT pg_backend_pid()").fetchone()[0])
         return c.execute("UPDATE tally SET value = value + 1 RETURNING value").fetchone()[0]
 
-    assert lite_pg.write(cur, add_one) == 1
+    assert lite_db.write(cur, add_one) == 1
     assert len(runs) == 2 and _value(pg_url) == 1
 
 
@@ -170,7 +170,7 @@ def test_a_connection_lost_after_commit_was_sent_is_outcome_unknown(pg_url):
         time.sleep(0.5)
 
     with pytest.raises(lite_pg.OutcomeUnknown):
-        lite_pg.write(cur, add_one)
+        lite_db.write(cur, add_one)
     assert len(runs) == 1  # never retried
     assert _value(pg_url) == 0  # here it was not applied; the client cannot know that
 
@@ -186,7 +186,7 @@ def test_threads_that_end_leave_no_sessions_behind(pg_url):
 
     def one_request(wait):
         cur = lite_pg.cursor(pg_url)
-        lite_pg.query(cur, "SELECT value FROM tally")
+        lite_db.query(cur, "SELECT value FROM tally")
         cur.close()
         if wait:
             together.wait(10)  # all alive at once: ten threads, ten sessions

@@ -126,6 +126,8 @@ def _lite_0_1_database(path):
 def test_a_lite_0_1_database_is_upgraded_once_keeping_every_row(db_path):
     _lite_0_1_database(db_path)
     cur = lite_db.cursor(db_path)
+    assert "config_state" in tables(db_path)  # opening changes nothing: first use does
+    assert lite_counters.read_counter(cur, "hits") == ("hits", 41)
     assert tables(db_path) == {
         "counters",
         "lite_config_state",
@@ -135,7 +137,6 @@ def test_a_lite_0_1_database_is_upgraded_once_keeping_every_row(db_path):
         "lite_schema",
     }
     assert user_version(db_path) == 3  # the user's number, left alone
-    assert lite_counters.read_counter(cur, "hits") == ("hits", 41)
     assert lite_counters.read_counter(cur) == ("hits", 41)
     assert lite_counters.increment_once(cur, "hits", 1, "k") == ("hits", 41, True)  # the kept key
     assert lite_counters.increment_once(cur, "hits", 1, "new") == ("hits", 42, False)
@@ -164,6 +165,11 @@ def test_another_user_version_3_database_is_left_alone(db_path):
         "PRAGMA user_version = 3;"
     )
     mine.close()
-    lite_db.connect(db_path)
+    cur = lite_db.cursor(db_path)
+    lite_counters.ensure_counters(cur)
+    cur.close()
     lite_db.close_all()
-    assert tables(db_path) == {"config_state", "config_audit", "idempotency_keys", "health"}
+    assert tables(db_path) == {
+        *("config_state", "config_audit", "idempotency_keys", "health"),
+        *("counters", "lite_schema"),  # lite's own, beside
+    }

@@ -20,8 +20,6 @@ LITE_HOME=${LITE_HOME:-/srv/lite}
 LITE_USER=${LITE_USER:-www-data}
 LITE_GROUP=${LITE_GROUP:-$LITE_USER}
 APP=$LITE_HOME/app
-DATA=$APP/data
-DB=$DATA/lite.db
 PYTHON=$LITE_HOME/venv/bin/python
 
 force=no
@@ -49,6 +47,16 @@ fail() {
 id -u "$LITE_USER" >/dev/null 2>&1 || fail "no such user: $LITE_USER"
 [ "$(id -u "$LITE_USER")" -ne 0 ] || fail "LITE_USER must not be root"
 
+# The database and every file of it (itself first, then SQLite's and lite's
+# own beside it), as lite_ops knows them: `lite where` without LITE_DB_PATH,
+# as serve.sh runs the daemons, and `lite files`. Run as a file, so that
+# $APP, not the working directory (another lite's?), comes first on sys.path.
+lite_ops() { env -u LITE_DB_PATH "$PYTHON" "$APP/lite_ops.py" "$@"; }
+DB=$(lite_ops where) || fail "could not ask $APP/lite_ops.py where the database is"
+listing=$(lite_ops files "$DB") || fail "could not list the files of $DB"
+mapfile -t FILES <<<"$listing"
+DATA=$(dirname "$DB")
+
 me=$(id -un)
 if [ "$(id -u)" -eq 0 ]; then
     as_user() { runuser -u "$LITE_USER" -- "$@"; }
@@ -61,24 +69,29 @@ fi
 # PIDs of processes that have the database open: wiping it under them would
 # leave them writing to a deleted file, and those writes would be lost.
 holders() {
-    local fd
+    local fd link file
     for fd in /proc/[0-9]*/fd/*; do
-        case "$(readlink "$fd" 2>/dev/null)" in
-            "$DB" | "$DB-wal" | "$DB-shm") fd=${fd#/proc/}; echo "${fd%%/*}" ;;
-        esac
+        link=$(readlink "$fd" 2>/dev/null) || continue
+        for file in "${FILES[@]}"; do
+            if [ "$link" = "$file" ]; then
+                fd=${fd#/proc/}
+                echo "${fd%%/*}"
+                break
+            fi
+        done
     done | sort -un | tr '\n' ' '
 }
 
 if [ -e "$DB" ] && [ "$force" = yes ]; then
     open_by=$(holders)
     [ -z "$open_by" ] || fail "$DB is open in processes $open_by: stop the service first (./serve.sh stop)"
-    rm -f "$DB" "$DB-wal" "$DB-shm" "$DB-refused"
+    rm -f -- "${FILES[@]}"
     echo "resetapp: deleted $DB"
 fi
 
 if [ "$(id -u)" -eq 0 ]; then
     install -d -o "$LITE_USER" -g "$LITE_GROUP" -m 0700 "$DATA"
-    for file in "$DB" "$DB-wal" "$DB-shm"; do
+    for file in "${FILES[@]}"; do
         [ ! -e "$file" ] || chown "$LITE_USER:$LITE_GROUP" "$file"
     done
 else

@@ -157,9 +157,9 @@ install_lite() {
     "$SRC/scripts/setup.sh"
     install -d -m 0755 "$LITE_HOME" "$LITE_HOME/app" "$APACHE_DIR" "$APACHE_DIR/run" \
         "$APACHE_DIR/logs"
-    install -m 0644 "$SRC/lite_app.py" "$SRC/lite_db.py" "$SRC/lite_counters.py" \
-        "$SRC/lite_config.py" "$SRC/lite_ops.py" "$SRC/lite_page.py" "$SRC/lite_metrics.py" \
-        "$SRC/lite_pg.py" "$LITE_HOME/app/"
+    install -m 0644 "$SRC/lite_app.py" "$SRC/lite_db.py" "$SRC/lite_engine.py" \
+        "$SRC/lite_counters.py" "$SRC/lite_config.py" "$SRC/lite_ops.py" "$SRC/lite_page.py" \
+        "$SRC/lite_metrics.py" "$SRC/lite_pg.py" "$LITE_HOME/app/"
     if [ ! -e "$LITE_HOME/app/config.ini" ]; then
         install -m 0644 "$SRC/config.ini" "$LITE_HOME/app/config.ini"
     fi
@@ -330,7 +330,10 @@ start() {
         say "starting Apache on 127.0.0.1:$LITE_PORT"
         local settings
         mapfile -t settings < <(daemon_env)
-        env "${settings[@]}" /usr/sbin/apache2 -f "$APACHE_DIR/httpd.conf" -k start
+        # No LITE_DB_PATH from this shell: as under systemd, the daemons open
+        # the database that backup and restore find (app_database).
+        env -u LITE_DB_PATH "${settings[@]}" \
+            /usr/sbin/apache2 -f "$APACHE_DIR/httpd.conf" -k start
     fi
     if ! wait_until_serving; then
         tail -n 20 "$APACHE_DIR/logs/error.log" >&2 || true
@@ -342,10 +345,21 @@ start() {
     say "logs: $APACHE_DIR/logs/error.log and access.log; stop with: $0 stop"
 }
 
-DB=$LITE_HOME/app/data/lite.db
+# lite's command line from the installed app, on the system's Python (its
+# core needs only the standard library), without LITE_DB_PATH, as the daemons
+# run (daemon_env sets none). Run as a file, its directory comes first on
+# sys.path: `-m` would put the working directory there, and with it another
+# lite (this checkout) and that one's data/lite.db.
+lite_ops() { env -u LITE_DB_PATH /usr/bin/python3 "$LITE_HOME/app/lite_ops.py" "$@"; }
+
+# The daemons' database, absolute, as lite_ops knows it (`lite where`).
+app_database() {
+    [ -f "$LITE_HOME/app/lite_ops.py" ] || fail "no lite in $LITE_HOME/app: run $0 install first"
+    lite_ops where || fail "could not ask $LITE_HOME/app/lite_ops.py where the database is"
+}
 
 backup() {
-    local dest=${1:?usage: serve.sh backup DEST} tmp
+    local dest=${1:?usage: serve.sh backup DEST} db tmp
     [ "$(id -u)" -eq 0 ] || fail "run as root"
     if [ "${LITE_POSTGRES:-}" = private ]; then
         DATABASE_URL=$("$SRC/scripts/postgres.sh" url)
@@ -354,14 +368,15 @@ backup() {
         backup_postgres "$dest"
         return
     fi
-    [ -e "$DB" ] || fail "no database at $DB"
+    db=$(app_database) || exit 1
+    [ -e "$db" ] || fail "no database at $db"
     [ ! -e "$dest" ] || fail "$dest exists: backup never overwrites"
     # The copy is taken as the daemon user (a connection of another user
     # could leave -wal/-shm files the daemons cannot open), into the data
     # directory that user owns, and then moved to DEST.
-    tmp=$(dirname "$DB")/backup-$$.db
+    tmp=$(dirname "$db")/backup-$$.db
     if ! runuser -u "$LITE_USER" -- env PYTHONPATH="$LITE_HOME/app" \
-        "$LITE_HOME/venv/bin/python" -m lite_ops backup "$DB" "$tmp"; then
+        "$LITE_HOME/venv/bin/python" -m lite_ops backup "$db" "$tmp"; then
         rm -f "$tmp"
         fail "backup failed"
     fi
@@ -385,23 +400,26 @@ backup_postgres() {
 }
 
 restore() {
-    local file=${1:?usage: serve.sh restore FILE} data pid
+    local file=${1:?usage: serve.sh restore FILE} db listing files data pid
     [ "$(id -u)" -eq 0 ] || fail "run as root"
     if pid=$(running_pid); then fail "lite is running (PID $pid): $0 stop first"; fi
     [ -f "$file" ] || fail "no file $file"
-    PYTHONPATH="$LITE_HOME/app" /usr/bin/python3 -m lite_ops check "$file" ||
-        fail "$file is not a sound SQLite database"
-    data=$(dirname "$DB")
+    db=$(app_database) || exit 1
+    lite_ops check "$file" || fail "$file is not a sound SQLite database"
+    listing=$(lite_ops files "$db") || fail "could not list the files of $db"
+    mapfile -t files <<<"$listing" # the database first, then the files beside it
+    data=$(dirname "$db")
     [ -d "$data" ] || fail "no data directory $data: run $0 install first"
-    if [ -e "$DB" ]; then
-        mv "$DB" "$DB.before-restore.$(date +%Y%m%d%H%M%S.%N)"
+    if [ -e "$db" ]; then
+        mv "$db" "$db.before-restore.$(date +%Y%m%d%H%M%S.%N)"
     fi
     # A -wal left by the replaced database would be replayed into the
-    # restored one: remove it with its index, and the mark lite leaves when
-    # the database was removed or replaced under it.
-    rm -f "$DB-wal" "$DB-shm" "$DB-refused"
-    install -o "$LITE_USER" -g "$LITE_GROUP" -m 0600 "$file" "$DB"
-    say "restored $DB from $file (the replaced database is kept beside it)"
+    # restored one: remove it with its index, and lite's own files beside it
+    # (its write queue, and the mark it leaves when the database was removed
+    # or replaced under it).
+    rm -f -- "${files[@]:1}"
+    install -o "$LITE_USER" -g "$LITE_GROUP" -m 0600 "$file" "$db"
+    say "restored $db from $file (the replaced database is kept beside it)"
 }
 
 stop() {

@@ -33,7 +33,12 @@ DELAY=${SIEGE_DELAY:-0.5}
 BASE=http://127.0.0.1:$LITE_PORT
 COUNTER=hits
 CONFIG=$LITE_HOME/app/config.ini
-DB=$LITE_HOME/app/data/lite.db
+# The daemons' database, as lite_ops knows it (serve.sh runs them without LITE_DB_PATH).
+DB=$(env -u LITE_DB_PATH /usr/bin/python3 "$LITE_HOME/app/lite_ops.py" where) || {
+    echo "test_siege: no lite in $LITE_HOME/app to ask where its database is: start lite" \
+        "first (./serve.sh)" >&2
+    exit 1
+}
 ERROR_LOG=$LITE_HOME/apache/logs/error.log
 SIEGERC=$(cd "$(dirname "$0")" && pwd)/siegerc # siege's settings, for repeatable runs
 

@@ -1,11 +1,19 @@
 """Operating lite: /lite/stats, /lite/health, the page's figures, the online
-backup, and a WAL that stays small under sustained reads."""
+backup, a WAL that stays small under sustained reads, the command line, and
+serve.sh restore and resetapp.sh --force removing every file of a database
+(these two as root, without Apache)."""
 
+import contextlib
 import itertools
 import os
+import shutil
 import sqlite3
+import subprocess
+import sys
+import tempfile
 import time
 
+import deploy
 import procs
 import pytest
 import webtest
@@ -199,3 +207,116 @@ def test_the_command_line_backs_up_checks_and_applies_config(
     assert "applied" in capsys.readouterr().out
     assert lite_ops.main(["restore"]) == 2
     assert lite_ops.main([]) == 2
+
+
+def test_the_command_line_names_a_databases_files_and_the_apps_database(
+    tmp_path, monkeypatch, capsys
+):
+    db = str(tmp_path / "x.db")
+    assert lite_ops.main(["files", db]) == 0
+    files = [db, f"{db}-wal", f"{db}-shm", f"{db}-queue", f"{db}-refused"]
+    assert capsys.readouterr().out == "".join(f"{name}\n" for name in files)
+    monkeypatch.chdir(tmp_path)  # the default is beside lite_ops.py, wherever it runs
+    monkeypatch.delenv("LITE_DB_PATH", raising=False)
+    assert lite_ops.main(["where"]) == 0
+    app_dir = os.path.dirname(os.path.abspath(lite_ops.__file__))
+    assert capsys.readouterr().out == os.path.join(app_dir, "data", "lite.db") + "\n"
+    monkeypatch.setenv("LITE_DB_PATH", db)
+    assert lite_ops.main(["where"]) == 0
+    assert capsys.readouterr().out == f"{db}\n"
+    monkeypatch.setenv("LITE_DB_PATH", "y.db")  # relative: to the working directory, as lite_app
+    assert lite_ops.main(["where"]) == 0
+    assert capsys.readouterr().out == f"{tmp_path / 'y.db'}\n"
+    assert lite_ops.main(["files"]) == 2
+
+
+@pytest.fixture
+def installed(tmp_path):
+    """A LITE_HOME as `serve.sh install` leaves it, without Apache: the app's
+    files and config.ini, a venv whose python is this one (lite's core needs
+    nothing else); and the scripts' settings, among them a LITE_DB_PATH they
+    must not follow (the daemons get none)."""
+    if os.geteuid() != 0:
+        raise RuntimeError("serve.sh restore and resetapp.sh need root (run through ./test.sh)")
+    home = tempfile.mkdtemp(prefix="lite-test-", dir="/tmp")
+    os.chmod(home, 0o755)  # ours: the daemon user must reach the code below it
+    try:
+        app = os.path.join(home, "app")
+        os.mkdir(app)
+        for name in (*deploy.APP_FILES, "config.ini"):
+            shutil.copy(os.path.join(deploy.ROOT, name), app)
+        os.makedirs(os.path.join(home, "venv", "bin"))
+        os.symlink(os.path.realpath(sys.executable), os.path.join(home, "venv", "bin", "python"))
+        env = {**os.environ, "LITE_HOME": home, "LITE_DB_PATH": str(tmp_path / "elsewhere.db")}
+        yield home, env
+    finally:
+        shutil.rmtree(home)
+
+
+def _script(env, *args):
+    done = subprocess.run(
+        [os.path.join(deploy.ROOT, args[0]), *args[1:]],
+        cwd=deploy.ROOT,  # another lite, whose own lite_ops.py the scripts must not take
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        stdin=subprocess.DEVNULL,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    return done
+
+
+STALE = b"stale: left by the replaced database"
+SIDECARS = ("-wal", "-shm", "-queue", "-refused")
+
+
+def _leave_stale_files(db):
+    """Files beside `db`, new and root's, as a lite run by root leaves them: a
+    -queue kept would be one the daemons cannot open (their queue off)."""
+    for suffix in SIDECARS:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(db + suffix)
+        with open(db + suffix, "wb") as f:
+            f.write(STALE)
+
+
+def _stale_files(db):
+    """The files beside `db` that still hold what _leave_stale_files wrote."""
+    left = []
+    for suffix in SIDECARS:
+        with contextlib.suppress(FileNotFoundError), open(db + suffix, "rb") as f:
+            if f.read().startswith(STALE):
+                left.append(suffix)
+    return left
+
+
+@pytest.mark.root
+def test_resetapp_force_removes_every_file_of_the_database(installed):
+    home, env = installed
+    db = os.path.join(home, "app", "data", "lite.db")
+    assert "created" in _script(env, "resetapp.sh").stdout
+    _leave_stale_files(db)
+    assert "deleted" in _script(env, "resetapp.sh", "--force").stdout
+    assert _stale_files(db) == []
+    assert lite_ops.check(db)
+    assert not os.path.exists(env["LITE_DB_PATH"])
+
+
+@pytest.mark.root
+def test_restore_removes_every_file_of_the_replaced_database(installed, tmp_path):
+    home, env = installed
+    data = os.path.join(home, "app", "data")
+    db = os.path.join(data, "lite.db")
+    os.mkdir(data)
+    sqlite3.connect(db).close()
+    _leave_stale_files(db)
+    backup = str(tmp_path / "backup.db")
+    with contextlib.closing(sqlite3.connect(backup)) as conn, conn:
+        conn.execute("CREATE TABLE t (x)")
+        conn.execute("INSERT INTO t VALUES (42)")
+    _script(env, "serve.sh", "restore", backup)
+    assert [suffix for suffix in SIDECARS if os.path.exists(db + suffix)] == []
+    with open(db, "rb") as restored, open(backup, "rb") as source:
+        assert restored.read() == source.read()
+    assert len([name for name in os.listdir(data) if ".before-restore." in name]) == 1

@@ -10,7 +10,8 @@ lite_sqlalchemy.run_once lets one do it while the others wait.
 GET /lite/get?counter=NAME and POST /lite/inc (form: counter, by; optional
 Idempotency-Key header) answer lite_app's JSON with its status codes: 400 for
 a bad parameter, 404 for an unknown counter, 409 for an overflow, 422 for a
-reused key, 503 + Retry-After when the database cannot be reached in time.
+reused key, 503 + Retry-After when the database cannot be reached in time:
+lite_counters' input rules, and its answers (answer_for) from one handler.
 """
 
 import contextlib
@@ -25,9 +26,9 @@ from fastapi.responses import JSONResponse
 from sqlalchemy import insert
 from sqlalchemy.ext.asyncio import AsyncConnection, async_sessionmaker, create_async_engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import lite_counters
-import lite_db
 import lite_sqlalchemy
 
 COUNTERS = {"hits": 0, "misses": 0}  # made at startup; the first is the default counter
@@ -75,30 +76,20 @@ async def lifespan(app: fastapi.FastAPI) -> AsyncIterator[None]:
 app = fastapi.FastAPI(lifespan=lifespan)
 
 
-class Refused(Exception):
-    """A request refused: its status and reason."""
-
-    def __init__(self, status: int, reason: str) -> None:
-        super().__init__(reason)
-        self.status = status
+async def lite_error(request: fastapi.Request, exc: Exception) -> JSONResponse:
+    """The one place lite's errors become answers, as lite_counters.answer_for says."""
+    status, error, headers = lite_counters.answer_for(exc)
+    return JSONResponse({"error": error}, status, headers=headers)
 
 
-@app.exception_handler(Refused)
-async def refused(request: fastapi.Request, exc: Refused) -> JSONResponse:
-    return JSONResponse({"error": str(exc)}, exc.status)
+for _error in lite_counters.ERRORS:
+    app.add_exception_handler(_error, lite_error)
 
 
-@app.exception_handler(lite_counters.BadInput)
-async def bad_input(request: fastapi.Request, exc: lite_counters.BadInput) -> JSONResponse:
-    return JSONResponse({"error": str(exc)}, 400)
-
-
-@app.exception_handler(lite_db.Unavailable)
-async def unavailable(request: fastapi.Request, exc: lite_db.Unavailable) -> JSONResponse:
-    """The one place the database's "not now" becomes 503: nothing was written."""
-    return JSONResponse(
-        {"error": "database unavailable, try again"}, 503, headers={"Retry-After": "1"}
-    )
+@app.exception_handler(StarletteHTTPException)
+async def http_error(request: fastapi.Request, exc: StarletteHTTPException) -> JSONResponse:
+    """FastAPI's own errors (404 for an unknown path, 405, 415) as lite's JSON too."""
+    return JSONResponse({"error": exc.detail}, exc.status_code, headers=exc.headers)
 
 
 @app.get("/lite/get")
@@ -108,7 +99,7 @@ async def get_counter(request: fastapi.Request) -> dict[str, Any]:
     async with Reading() as session:
         row = await session.get(Counter, name)
     if row is None:
-        raise Refused(404, f"no counter {name!r}")
+        raise lite_counters.NoSuchCounter(name)
     return {"counter": row.name, "value": row.value}
 
 
@@ -118,15 +109,15 @@ async def increment(request: fastapi.Request) -> dict[str, Any]:
         "",
         "application/x-www-form-urlencoded",
     ):
-        raise Refused(415, "send the parameters as application/x-www-form-urlencoded")
+        raise fastapi.HTTPException(415, "send the parameters as application/x-www-form-urlencoded")
     try:
         body = (await request.body()).decode()
         params = urllib.parse.parse_qs(body, strict_parsing=bool(body))
     except (UnicodeDecodeError, ValueError):
-        raise Refused(400, "the body is not form data") from None
+        raise lite_counters.BadInput("the body is not form data") from None
     unknown = sorted(set(params) - {"counter", "by"})
     if unknown:
-        raise Refused(400, f"unknown parameter {unknown[0]!r}: use counter, by")
+        raise lite_counters.BadInput(f"unknown parameter {unknown[0]!r}: use counter, by")
     name = lite_counters.counter_name_from(params.get("counter", [])) or next(iter(COUNTERS))
     by = lite_counters.step_from(params.get("by", []))
     key = request.headers.get("Idempotency-Key")
@@ -135,13 +126,13 @@ async def increment(request: fastapi.Request) -> dict[str, Any]:
     async with Writing() as session:
         if key is not None and (stored := await session.get(IdempotencyKey, key)) is not None:
             if (stored.counter, stored.by) != (name, by):
-                raise Refused(422, f"Idempotency-Key was used for {stored.counter} by {stored.by}")
+                raise lite_counters.KeyReused(stored.counter, stored.by)
             return {"counter": stored.counter, "value": stored.value}
         row = await session.get(Counter, name)
         if row is None:
-            raise Refused(404, f"no counter {name!r}")
+            raise lite_counters.NoSuchCounter(name)
         if row.value + by > lite_counters.MAX_INTEGER:
-            raise Refused(409, f"{name} would pass {lite_counters.MAX_INTEGER}")
+            raise lite_counters.WouldOverflow(name)
         row.value += by
         if key is not None:
             session.add(

@@ -10,7 +10,8 @@ once for all of them (lite_sqlalchemy.run_once).
 GET /lite/get?counter=NAME and POST /lite/inc (form: counter, by; optional
 Idempotency-Key header) answer lite_app's JSON with its status codes: 400 for
 a bad parameter, 404 for an unknown counter, 409 for an overflow, 422 for a
-reused key, 503 + Retry-After when the database cannot be reached in time.
+reused key, 503 + Retry-After when the database cannot be reached in time:
+lite_counters' input rules, and its answers (answer_for) from one handler.
 """
 
 import os
@@ -24,7 +25,6 @@ from sqlalchemy import Connection, insert
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 import lite_counters
-import lite_db
 import lite_sqlalchemy
 
 COUNTERS = {"hits": 0, "misses": 0}  # made with the schema; the first is the default counter
@@ -63,28 +63,14 @@ def create_schema(conn: Connection) -> None:
     conn.execute(insert(Counter), [{"name": n, "value": v} for n, v in COUNTERS.items()])
 
 
-class Refused(Exception):
-    """A request refused: its status and reason."""
-
-    def __init__(self, status: int, reason: str) -> None:
-        super().__init__(reason)
-        self.status = status
+def lite_error(exc: Exception) -> tuple[flask.Response, int, dict[str, str]]:
+    """The one place lite's errors become answers, as lite_counters.answer_for says."""
+    status, error, headers = lite_counters.answer_for(exc)
+    return flask.jsonify(error=error), status, headers
 
 
-@app.errorhandler(Refused)
-def refused(exc: Refused) -> tuple[flask.Response, int]:
-    return flask.jsonify(error=str(exc)), exc.status
-
-
-@app.errorhandler(lite_counters.BadInput)
-def bad_input(exc: lite_counters.BadInput) -> tuple[flask.Response, int]:
-    return flask.jsonify(error=str(exc)), 400
-
-
-@app.errorhandler(lite_db.Unavailable)
-def unavailable(exc: lite_db.Unavailable) -> tuple[flask.Response, int, dict[str, str]]:
-    """The one place the database's "not now" becomes 503: nothing was written."""
-    return flask.jsonify(error="database unavailable, try again"), 503, {"Retry-After": "1"}
+for _error in lite_counters.ERRORS:
+    app.register_error_handler(_error, lite_error)
 
 
 @app.errorhandler(werkzeug.exceptions.HTTPException)
@@ -105,18 +91,20 @@ def get_counter() -> dict[str, Any]:
     name = name or next(iter(COUNTERS))
     row = db.session.get(Counter, name)
     if row is None:
-        raise Refused(404, f"no counter {name!r}")
+        raise lite_counters.NoSuchCounter(name)
     return {"counter": row.name, "value": row.value}
 
 
 @app.post("/lite/inc")
 def increment() -> dict[str, Any]:
     if flask.request.mimetype not in ("", "application/x-www-form-urlencoded"):
-        raise Refused(415, "send the parameters as application/x-www-form-urlencoded")
+        raise werkzeug.exceptions.UnsupportedMediaType(
+            "send the parameters as application/x-www-form-urlencoded"
+        )
     params = flask.request.values
     unknown = sorted(set(params) - {"counter", "by"})
     if unknown:
-        raise Refused(400, f"unknown parameter {unknown[0]!r}: use counter, by")
+        raise lite_counters.BadInput(f"unknown parameter {unknown[0]!r}: use counter, by")
     name = lite_counters.counter_name_from(params.getlist("counter")) or next(iter(COUNTERS))
     by = lite_counters.step_from(params.getlist("by"))
     key = flask.request.headers.get("Idempotency-Key")
@@ -128,13 +116,13 @@ def increment() -> dict[str, Any]:
     db.session.connection(execution_options={"lite_write": True})
     if key is not None and (stored := db.session.get(IdempotencyKey, key)) is not None:
         if (stored.counter, stored.by) != (name, by):
-            raise Refused(422, f"Idempotency-Key was used for {stored.counter} by {stored.by}")
+            raise lite_counters.KeyReused(stored.counter, stored.by)
         return {"counter": stored.counter, "value": stored.value}
     row = db.session.get(Counter, name)
     if row is None:
-        raise Refused(404, f"no counter {name!r}")
+        raise lite_counters.NoSuchCounter(name)
     if row.value + by > lite_counters.MAX_INTEGER:
-        raise Refused(409, f"{name} would pass {lite_counters.MAX_INTEGER}")
+        raise lite_counters.WouldOverflow(name)
     row.value += by
     value = row.value
     if key is not None:

@@ -1,9 +1,11 @@
 """lite_django, in-process: lite's pragmas on every new connection (not
 counted as queries), atomic() taking the write lock at BEGIN, and a
 contended write waiting in short slices, then failing as Django's
-OperationalError once lite's budget is spent. The example app's F()
-increment exact across 8 processes."""
+OperationalError once lite's budget is spent. The example app's views
+refuse as lite_app does (lite_counters' rules and answers), and its F()
+increment is exact across 8 processes."""
 
+import json
 import os
 import sqlite3
 import sys
@@ -120,6 +122,45 @@ def test_past_the_budget_a_write_fails_as_operational_error(connection, database
     waited = time.monotonic() - began
     holder.join()
     assert 0.25 <= waited < 1.0  # lite's budget, not Django's 5 s timeout
+
+
+@pytest.mark.parametrize(
+    ("method", "params", "status", "error"),
+    [
+        ("get", {"counter": "-x"}, 400, "counter: use 1-64 of a-z, 0-9, _ and -"),
+        ("get", {"counter": ["hits", "misses"]}, 400, "give counter once"),
+        ("get", {"counter": "nope"}, 404, "no counter 'nope'"),
+        ("post", {"counter": "_x"}, 400, "counter: use 1-64 of a-z, 0-9, _ and -"),
+        ("post", {"by": "0"}, 400, "by: a whole number from 1 to 1000000"),
+        ("post", {"sneaky": "1"}, 400, "unknown parameter 'sneaky': use counter, by"),
+        ("post", {"counter": "nope"}, 404, "no counter 'nope'"),
+    ],
+)
+def test_the_example_view_refuses_as_lite_app_does(connection, method, params, status, error):
+    from django.test import RequestFactory
+    from django_counter import views
+    from django_counter.models import Counter
+
+    before = sorted(Counter.objects.values_list("name", "value"))
+    view = views.get_counter if method == "get" else views.increment
+    response = view(getattr(RequestFactory(), method)("/", params))
+    assert (response.status_code, json.loads(response.content)) == (status, {"error": error})
+    assert sorted(Counter.objects.values_list("name", "value")) == before
+
+
+def test_the_example_view_past_the_budget_is_503_with_retry_after(
+    connection, database, monkeypatch
+):
+    from django.test import RequestFactory
+    from django_counter import views
+
+    monkeypatch.setattr(lite_db, "LOCK_BUDGET_MS", 300)
+    connection.ensure_connection()
+    holder = _holding(database, 1.5)
+    response = views.increment(RequestFactory().post("/", {"counter": "hits"}))
+    holder.join()
+    assert (response.status_code, response["Retry-After"]) == (503, "1")
+    assert json.loads(response.content) == {"error": "database busy, retry later"}
 
 
 def _increment_through_django(path, examples, count):

@@ -77,7 +77,7 @@ def test_any_increment_is_2xx_or_a_clear_4xx(counter, by, by_in_query):
     after = _values()
     if res.status_int == 200:
         step = int(by)
-        assert by.isascii() and by.isdigit() and 1 <= step <= lite_app.MAX_BY
+        assert by.isascii() and by.isdigit() and 1 <= step <= lite_counters.MAX_BY
         assert after[counter] == before[counter] + step == body["value"]
         assert {k: v for k, v in after.items() if k != counter} == {
             k: v for k, v in before.items() if k != counter

@@ -130,6 +130,7 @@ def test_a_key_replays_and_a_reused_key_is_422_and_a_held_lock_is_503(client):
     other = _send(test_client, "POST", "/lite/inc", "by=3", key)
     assert [first.status_code, again.status_code, other.status_code] == [200, 200, 422]
     assert _body(first) == _body(again) == {"counter": "hits", "value": 2}
+    assert _body(other) == {"error": "Idempotency-Key already used to add 2 to hits"}
     holder = sqlite3.connect(path, isolation_level=None)
     holder.execute("BEGIN IMMEDIATE")
     try:
@@ -139,9 +140,20 @@ def test_a_key_replays_and_a_reused_key_is_422_and_a_held_lock_is_503(client):
         holder.execute("ROLLBACK")
         holder.close()
     assert busy.status_code == 503 and busy.headers["Retry-After"] == "1"
-    assert _body(busy) == {"error": "database unavailable, try again"}
+    assert _body(busy) == {"error": "database busy, retry later"}
     assert read.status_code == 200 and _body(read)["value"] == 2  # reads never wait
     assert _value(str(path)) == 2
+
+
+def test_an_overflow_is_409_as_lite_app_says_it(client):
+    test_client, path = client
+    with sqlite3.connect(path) as setter:
+        setter.execute("UPDATE app_counters SET value = ? WHERE name = 'misses'", (2**63 - 1,))
+    setter.close()
+    form = {"Content-Type": "application/x-www-form-urlencoded"}
+    answer = _send(test_client, "POST", "/lite/inc", "counter=misses", form)
+    assert answer.status_code == 409
+    assert _body(answer) == {"error": "misses would pass 9223372036854775807"}
 
 
 def _send(test_client, method, url, body, headers):

@@ -139,14 +139,15 @@ def _json_error(err: bottle.HTTPError) -> str:
     return json.dumps({"error": message})
 
 
-def _params(known: tuple[str, ...]) -> dict[str, str]:
-    """The request's parameters, each given at most once (400 otherwise).
+def _params(known: tuple[str, ...]) -> dict[str, list[str]]:
+    """The request's parameters: each name's values, in order.
 
     GET: the query string; names lite does not know are ignored (cache
     busters). POST: the query string and a form body, and every name must be
     known: a misspelled `Counter=` must not fall back to the default counter.
     A POST body must be application/x-www-form-urlencoded (415), of at most
-    MAX_BODY_BYTES (413), as long as its Content-Length (400).
+    MAX_BODY_BYTES (413), as long as its Content-Length (400). A name given
+    twice is refused by lite_counters' input rules (400).
     """
     pairs = _pairs(bottle.request.environ.get("QUERY_STRING", ""))
     if bottle.request.method == "POST":
@@ -154,11 +155,9 @@ def _params(known: tuple[str, ...]) -> dict[str, str]:
         unknown = sorted({name for name, _ in pairs} - set(known))
         if unknown:
             raise _json(400, {"error": f"unknown parameter {unknown[0]!r}: use {', '.join(known)}"})
-    params: dict[str, str] = {}
+    params: dict[str, list[str]] = {}
     for name, value in pairs:
-        if name in params and name in known:
-            raise _json(400, {"error": f"give {name} once"})
-        params[name] = value
+        params.setdefault(name, []).append(value)
     return params
 
 
@@ -202,11 +201,6 @@ def _form_body() -> str:
         raise _json(400, {"error": "parameters must be percent-encoded UTF-8"}) from None
 
 
-def _values(params: dict[str, str], name: str) -> list[str]:
-    """A parameter's values, as lite_counters' input rules take them (_params: at most one)."""
-    return [params[name]] if name in params else []
-
-
 def _check_same_origin() -> None:
     """Refuse a POST that a browser sent from another site (403).
 
@@ -214,8 +208,9 @@ def _check_same_origin() -> None:
     Referer); clients that send neither are not browsers and cannot be
     tricked into sending the request. A header that is not a URL is 400.
     """
-    for header in ("Origin", "Referer"):
-        source = _header(header)
+    environ = bottle.request.environ
+    for header, key in (("Origin", "HTTP_ORIGIN"), ("Referer", "HTTP_REFERER")):
+        source = environ.get(key)  # as _header() reads it; once per POST, so inline
         if source is None:
             continue
         try:
@@ -244,7 +239,7 @@ def _header(name: str) -> str | None:
     return bottle.request.environ.get("HTTP_" + name.upper().replace("-", "_"))
 
 
-def _increment(cur: sqlite3.Cursor, params: dict[str, str], key: str | None = None) -> dict:
+def _increment(cur: sqlite3.Cursor, params: dict[str, list[str]], key: str | None = None) -> dict:
     """Increment as `params` (counter, by) ask, once per key if a key is given.
 
     Returns {"counter": name, "value": new or stored}. A broken input rule or
@@ -252,8 +247,8 @@ def _increment(cur: sqlite3.Cursor, params: dict[str, str], key: str | None = No
     lite_db's errors go on to the plugin.
     """
     try:
-        name = lite_counters.counter_name_from(_values(params, "counter"))
-        by = lite_counters.step_from(_values(params, "by"))
+        name = lite_counters.counter_name_from(params.get("counter", ()))
+        by = lite_counters.step_from(params.get("by", ()))
         if key is None:
             name, value = lite_counters.increment(cur, name, by)
         else:
@@ -440,7 +435,7 @@ def make_app(
     def get_counter(db: sqlite3.Cursor) -> dict[str, Any]:
         params = _params(("counter",))
         try:
-            name = lite_counters.counter_name_from(_values(params, "counter"))
+            name = lite_counters.counter_name_from(params.get("counter", ()))
             name, value = lite_counters.read_counter(db, name)
         except _REFUSALS as exc:
             raise _answer(exc) from None

@@ -3,7 +3,9 @@
 Contract:
 - Counters live in the table `counters` (name, value, position), made on
   first use; a table of that name with other columns is refused
-  (ValueError), never used. Keys live in `lite_idempotency_keys`.
+  (ValueError), never used. Keys live in `lite_idempotency_keys`. A
+  database made by lite 0.1 (the demo's tables without the lite_ prefix)
+  is upgraded in place before its first use (`upgrade_lite_0_1`).
 - `increment` adds in one statement, which SQLite makes its own transaction
   and locks before it reads; `increment_once` does it once per key, the key
   stored with the result in the same transaction; `update_counter` shows the
@@ -19,6 +21,7 @@ Contract:
   BadInput, whose text says the rule.
 - What a web app answers to each of these errors and lite_db's: `answer_for`
   (status, the client's text, headers), for every framework's one handler.
+- State: the connection's `state["last_prune"]` (when it last pruned keys).
 """
 
 import logging
@@ -35,8 +38,6 @@ MAX_INTEGER = 2**63 - 1  # largest value SQLite stores as an INTEGER
 IDEMPOTENCY_TTL_S = 24 * 3600  # 24 h: how long an Idempotency-Key is remembered
 PRUNE_INTERVAL_S = 10.0  # 10 s: least time between two prunings of expired keys by a connection
 PRUNE_BATCH = 500  # expired keys removed by one pruning, at most
-SQLITE_CONSTRAINT_DATATYPE = 3091  # a STRICT column refused a value (e.g. an overflow to REAL)
-NUMERIC_VALUE_OUT_OF_RANGE = "22003"  # PostgreSQL's SQLSTATE for a BIGINT overflow
 COUNTERS_TABLES = (
     "CREATE TABLE IF NOT EXISTS counters ("
     " name TEXT PRIMARY KEY, value INTEGER NOT NULL, position INTEGER NOT NULL) STRICT",
@@ -166,7 +167,7 @@ def answer_for(exc: BaseException) -> tuple[int, str, dict[str, str]] | None:
 # `name`, or the first counter when name is NULL: one statement picks it.
 _PICK = "coalesce(?, (SELECT name FROM counters ORDER BY position LIMIT 1))"
 # Adds a step to a counter in one statement. A sum past MAX_INTEGER becomes
-# a REAL, which the STRICT column refuses (SQLITE_CONSTRAINT_DATATYPE): so
+# a REAL, which the STRICT column refuses (engine.out_of_range): so
 # one statement tells a new value, no such counter (no row) and an overflow.
 _INCREMENT = f"UPDATE counters SET value = value + ? WHERE name = {_PICK} RETURNING name, value"
 _READ = f"SELECT name, value FROM counters WHERE name = {_PICK}"
@@ -179,7 +180,7 @@ def ensure_counters(cur: sqlite3.Cursor) -> None:
     tables renamed first (`upgrade_lite_0_1`). Raises ValueError when a table
     named counters has other columns, lite_db.Unavailable as a write does.
     """
-    lite_db.ensure_tables(cur, "counters", 1, COUNTERS_TABLES, check=_check_counters_table)
+    lite_db.ensure_tables(cur, "counters", 1, COUNTERS_TABLES, _check_counters_table)
 
 
 def _check_counters_table(cur: sqlite3.Cursor) -> None:
@@ -230,10 +231,8 @@ def _add(cur: sqlite3.Cursor, name: str | None, by: int) -> Any:
     try:
         return cur.execute(_INCREMENT, (by, name)).fetchone()
     except Exception as exc:  # sqlite3's, or another engine's (lite_pg: psycopg's)
-        if getattr(exc, "sqlite_errorcode", None) == SQLITE_CONSTRAINT_DATATYPE:
-            return _OVERFLOW
-        if getattr(exc, "sqlstate", None) == NUMERIC_VALUE_OUT_OF_RANGE:
-            return _OVERFLOW  # the transaction is aborted: its COMMIT rolls back
+        if cur.connection.engine.out_of_range(exc):
+            return _OVERFLOW  # PostgreSQL aborts the transaction: its COMMIT rolls back
         raise
 
 

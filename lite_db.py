@@ -4,8 +4,10 @@ Contents (each a banner section below, public API first):
   Settings            the constants, with their units
   Errors              Unavailable, OutcomeUnknown
   Engines             Engine, Features, SQLiteEngine: what differs between engines
-  Connections         connect, cursor, close_all, figures; Connection, Registry
-  Reads and writes    query, write, ensure_tables, table_columns: on any engine
+  Connections         connect, cursor, close_all, figures; Connection, and
+                      the Registry every engine's connections live in
+  Reads and writes    query, write, ensure_tables, table_columns: on any
+                      engine; count, notify, failed: an engine's counting
   The original's      transact, transact_one, transact_many, get, upsert:
   helpers             False (or None) on failure
   Any sqlite3         apply_pragmas, retrying: lite's settings and waits for
@@ -88,6 +90,7 @@ except ImportError:  # not a POSIX system: the -shm check is off
 __all__ = [
     "BUSY_POLL_MS",
     "LOCK_BUDGET_MS",
+    "PRAGMAS",
     "QUEUE_SUFFIX",
     "SCHEMA_TABLES",
     "UNREACHABLE_CODES",
@@ -145,6 +148,7 @@ SIDECAR_SUFFIXES = (QUEUE_SUFFIX, REFUSED_SUFFIX)  # lite's own files beside the
 QUEUE_SLOTS = 4096  # tickets in the write queue's ring; a wrapped-over slot skips the queue
 SYNCHRONOUS_MODES = ("NORMAL", "FULL")
 SQLITE_NEEDED = (3, 37, 0)  # RETURNING came in 3.35, STRICT tables in 3.37
+SQLITE_CONSTRAINT_DATATYPE = 3091  # a STRICT column refused a value of another type
 # Primary result codes that mean "the database cannot be reached now".
 UNREACHABLE_CODES = {
     sqlite3.SQLITE_PERM,
@@ -157,6 +161,17 @@ UNREACHABLE_CODES = {
     sqlite3.SQLITE_CANTOPEN,
     sqlite3.SQLITE_PROTOCOL,
     sqlite3.SQLITE_NOTADB,
+}
+# Every new connection's settings, in the order apply_pragmas applies them
+# (busy_timeout first: the WAL switch may wait for a lock); `synchronous`
+# comes from LITE_SYNCHRONOUS, `wal_autocheckpoint` from the caller.
+PRAGMAS = {
+    "busy_timeout": BUSY_POLL_MS,
+    "journal_mode": "WAL",
+    "synchronous": "NORMAL",
+    "foreign_keys": "ON",
+    "journal_size_limit": JOURNAL_SIZE_LIMIT_BYTES,
+    "wal_autocheckpoint": 0,
 }
 # Each feature's schema version, in the database it uses.
 SCHEMA_TABLES = (
@@ -269,6 +284,10 @@ class Engine:
         """Why writes through `conn` are refused for good in this process; None if they are not."""
         return None
 
+    def out_of_range(self, exc: Exception) -> bool:
+        """True if `exc` says a value did not fit its column (e.g. an integer past 2**63 - 1)."""
+        raise NotImplementedError
+
 
 class SQLiteEngine(Engine):
     """SQLite through lite_db: the engine of every `Connection`."""
@@ -354,7 +373,17 @@ class SQLiteEngine(Engine):
         return result
 
     def query(self, cur: sqlite3.Cursor, sql: str, params: Sequence[Any]) -> list[sqlite3.Row]:
-        return _read(cur, lambda: cur.execute(sql, params).fetchall(), "query")
+        conn = cur.connection
+        conn.figures.reads += 1  # _read, inlined: the hot path
+        if listeners:
+            notify("reads", 1)
+        try:
+            return retrying(conn, lambda: cur.execute(sql, params).fetchall(), conn.figures)
+        except sqlite3.Error as exc:
+            failure = _failed(conn, "read", "query", exc)
+            if failure is exc:
+                raise
+            raise failure from exc
 
     def create_tables(
         self, cur: sqlite3.Cursor, feature: str, version: int, tables: Sequence[str]
@@ -409,6 +438,10 @@ class SQLiteEngine(Engine):
     def refusal(self, conn: Connection) -> str | None:
         return refusal(conn.path)
 
+    def out_of_range(self, exc: Exception) -> bool:
+        # An integer past 2**63 - 1 becomes a REAL, which a STRICT INTEGER column refuses.
+        return getattr(exc, "sqlite_errorcode", None) == SQLITE_CONSTRAINT_DATATYPE
+
 
 SQLITE = SQLiteEngine()
 
@@ -426,8 +459,15 @@ def connect(path: str, create: bool = True) -> Connection:
     the database cannot be opened or its file changed under this process,
     RuntimeError if SQLite is older than SQLITE_NEEDED.
     """
-    conn = registry.held(path)
-    if conn is not None and not conn.reopen and not (conn.read_only and os.access(path, os.W_OK)):
+    if registry.pid != os.getpid():
+        registry.forked()
+    conn = registry.connections.get((path, threading.get_ident()))  # registry.held, inlined
+    if (
+        conn is not None
+        and conn.thread is threading.current_thread()
+        and not conn.reopen
+        and not (conn.read_only and os.access(path, os.W_OK))
+    ):
         return conn
     if path in registry.refused:
         raise Unavailable(f"database files changed: {registry.refused[path]}")
@@ -883,13 +923,17 @@ def apply_pragmas(conn: sqlite3.Connection, figures: Figures, wal_autocheckpoint
     (lite_django's too). Raises sqlite3.Error, ValueError for a bad
     LITE_SYNCHRONOUS.
     """
-    conn.execute(f"PRAGMA busy_timeout = {BUSY_POLL_MS}")
+    settings = {
+        **PRAGMAS,
+        "synchronous": _synchronous(),
+        "wal_autocheckpoint": int(wal_autocheckpoint),
+    }
+    conn.execute(f"PRAGMA busy_timeout = {settings.pop('busy_timeout')}")
     # Making a new database WAL takes a lock: waited for like any other.
-    retrying(conn, lambda: conn.execute("PRAGMA journal_mode = WAL"), figures)
-    conn.execute(f"PRAGMA synchronous = {_synchronous()}")
-    conn.execute("PRAGMA foreign_keys = ON")
-    conn.execute(f"PRAGMA journal_size_limit = {JOURNAL_SIZE_LIMIT_BYTES}")
-    conn.execute(f"PRAGMA wal_autocheckpoint = {int(wal_autocheckpoint)}")
+    journal_mode = settings.pop("journal_mode")
+    retrying(conn, lambda: conn.execute(f"PRAGMA journal_mode = {journal_mode}"), figures)
+    for name, value in settings.items():
+        conn.execute(f"PRAGMA {name} = {value}")
 
 
 def retrying(
@@ -1312,7 +1356,7 @@ def _ofd_lock(fd: int, command: int, lock_type: int, start: int, length: int = 1
 
 
 def _synchronous() -> str:
-    mode = os.environ.get("LITE_SYNCHRONOUS", "NORMAL").upper()
+    mode = os.environ.get("LITE_SYNCHRONOUS", PRAGMAS["synchronous"]).upper()
     if mode not in SYNCHRONOUS_MODES:
         raise ValueError(f"LITE_SYNCHRONOUS must be one of {SYNCHRONOUS_MODES}")
     return mode

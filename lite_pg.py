@@ -43,6 +43,7 @@ import psycopg.errors
 import lite_db
 
 CONNECT_TIMEOUT_S = 2  # the least connect_timeout libpq takes is 2 s
+NUMERIC_VALUE_OUT_OF_RANGE = "22003"  # SQLSTATE: e.g. a BIGINT past 2**63 - 1
 RECONNECT_PAUSE_S = 0.1  # 100 ms between two attempts to reach a server that refused
 # Transient: the transaction was rolled back and may simply run again.
 RETRIED = (psycopg.errors.SerializationFailure, psycopg.errors.DeadlockDetected)
@@ -194,6 +195,9 @@ class PostgresEngine(lite_db.Engine):
             (table,),
         )
         return [row[0] for row in rows]
+
+    def out_of_range(self, exc: Exception) -> bool:
+        return getattr(exc, "sqlstate", None) == NUMERIC_VALUE_OUT_OF_RANGE
 
     def describe(self, cur: Cursor) -> dict[str, Any]:
         (row,) = self.query(

@@ -3,6 +3,8 @@
 import pathlib
 import re
 import sqlite3
+import subprocess
+import sys
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
@@ -23,6 +25,33 @@ def test_the_readme_example_runs_on_a_users_database(tmp_path):
         "sqlite_autoindex_books_1",
     }
     mine.close()
+
+
+def test_lite_db_copied_alone_runs_the_readme_example(tmp_path):
+    """README's "just copy lite_db.py": that one file, and the standard library only."""
+    example, _ = _examples()
+    (tmp_path / "lite_db.py").write_bytes((ROOT / "lite_db.py").read_bytes())
+    path = tmp_path / "app.db"
+    mine = sqlite3.connect(path)
+    mine.execute("CREATE TABLE books (isbn TEXT PRIMARY KEY, title TEXT, copies INTEGER)")
+    mine.execute("INSERT INTO books VALUES ('1', 'old title', 3)")
+    mine.commit()
+    mine.close()
+    script = tmp_path / "example.py"
+    script.write_text(
+        example.replace("/srv/app/data/app.db", str(path))
+        + "print(lite_db.__file__, title, left)\n"
+    )
+    # -S: no site-packages (nothing installed is found), -E: no PYTHON* variables.
+    result = subprocess.run(
+        [sys.executable, "-S", "-E", str(script)],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == [str(tmp_path / "lite_db.py"), "Dune", "2"]
 
 
 def test_the_readme_sqlalchemy_example_runs(tmp_path):

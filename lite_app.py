@@ -390,7 +390,8 @@ def make_app(
         config_path or os.environ.get("LITE_CONFIG_PATH") or DEFAULT_CONFIG_PATH
     )
     page_template = bottle.SimpleTemplate(source=lite_page.PAGE)
-    database = database_url or os.environ.get("LITE_DATABASE_URL") or db_path
+    url = database_url or os.environ.get("LITE_DATABASE_URL")
+    database = lite_engine.server_url(url) if url else db_path
     plugin = LitePlugin(database, config_path, create_database=create_database)
     app = bottle.Bottle()
     # Routes find the plugin here: a route closing over a plain value would

@@ -21,6 +21,19 @@ def is_url(database: str) -> bool:
     return database.startswith(POSTGRES_SCHEMES)
 
 
+def server_url(url: str) -> str:
+    """`url` if it names a database server lite reaches; raises ValueError if it does not.
+
+    So that a URL lite cannot read (a libpq "host=… dbname=…" string, a
+    typo) is refused at start, not taken for a SQLite file's name.
+    """
+    if not is_url(url):
+        raise ValueError(
+            f"LITE_DATABASE_URL must start with {' or '.join(POSTGRES_SCHEMES)}: {url[:40]!r}"
+        )
+    return url
+
+
 def opener(database: str, create: bool = True) -> Callable[[], Any]:
     """A function returning, at each call, a new cursor on this thread's connection to `database`.
 

@@ -307,8 +307,9 @@ def _run(
     runs one statement, its own transaction (one round trip), for which a
     lost connection means the outcome is unknown — unless kind is "read".
     Retried through lite_db.retrying: a serialization failure or deadlock, a
-    connection lost before COMMIT was sent, a server that refused (then
-    after RECONNECT_PAUSE_S). Raises Unavailable, OutcomeUnknown or the
+    connection lost before COMMIT was sent; a server that refused is tried
+    again every RECONNECT_PAUSE_S. An error of the work itself rolls its
+    transaction back and is raised as it is. Raises Unavailable, OutcomeUnknown or the
     database error, logged and counted.
     """
     asked = time.monotonic()
@@ -316,19 +317,17 @@ def _run(
     deadline = asked + budget_ms / 1000
     began = 0.0
     committing = False
-    pausing = False  # a server refused, and the budget leaves time to try again after a pause
 
     def once() -> Any:
-        nonlocal began, committing, pausing
-        committing = pausing = False
-        try:
-            if cur.connection.broken or cur.connection.closed or _ended_by_server(cur.connection):
+        nonlocal began, committing
+        committing = False
+        while cur.connection.broken or cur.connection.closed or _ended_by_server(cur.connection):
+            try:
                 cur.reconnect()
-        except lite_db.Unavailable:
-            pausing = time.monotonic() + RECONNECT_PAUSE_S < deadline
-            if pausing:
+            except lite_db.Unavailable:
+                if time.monotonic() + RECONNECT_PAUSE_S >= deadline:
+                    raise
                 time.sleep(RECONNECT_PAUSE_S)  # a server restarting: try again within the budget
-            raise
         began = time.monotonic() - asked
         remaining_ms = max(1, int((deadline - time.monotonic()) * 1000))
         try:
@@ -346,7 +345,7 @@ def _run(
             committing = True
             cur.execute("COMMIT")
             return result
-        except psycopg.Error:
+        except BaseException:  # the work's own errors too: nothing of it may stay open
             _rollback(cur)
             raise
 
@@ -354,8 +353,6 @@ def _run(
         return isinstance(exc, psycopg.OperationalError) and cur.connection.broken
 
     def transient(exc: Exception) -> bool:
-        if isinstance(exc, lite_db.Unavailable):
-            return pausing
         return isinstance(exc, RETRIED) or (lost(exc) and not committing)
 
     try:

@@ -297,6 +297,13 @@ def test_routes_get_a_fresh_cursor_that_is_closed_afterwards(db_path, config_pat
             cur.execute("SELECT 1")
 
 
+def test_a_database_url_lite_cannot_reach_is_refused_at_start(db_path, config_path):
+    for url in ("host=127.0.0.1 dbname=lite", "sqlite+lite:///app.db", "postgresq://x/y"):
+        with pytest.raises(ValueError, match="LITE_DATABASE_URL must start with postgresql://"):
+            lite_app.make_app(db_path=db_path, config_path=str(config_path), database_url=url)
+    assert not any(os.path.exists(name) for name in ("host=127.0.0.1 dbname=lite", "app.db"))
+
+
 def test_the_plugin_refuses_a_second_plugin_for_the_same_keyword(db_path, config_path):
     app = lite_app.make_app(db_path=db_path, config_path=str(config_path))
     with pytest.raises(bottle.PluginError):

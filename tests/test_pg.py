@@ -35,6 +35,23 @@ def _value(url):
     return pg.query_one(url, "SELECT value FROM tally WHERE name = 'hits'")[0]
 
 
+def test_work_that_raises_leaves_nothing_open_and_nothing_written(pg_url):
+    cur = _ready(pg_url)
+
+    def add_then_fail(c):
+        c.execute("UPDATE tally SET value = value + 1")
+        raise ValueError("the work's own error")
+
+    with pytest.raises(ValueError, match="own error"):
+        lite_db.write(cur, add_then_fail)
+    assert _value(pg_url) == 0  # rolled back, not left for the next write to commit
+    lite_db.write(cur, lambda c: c.execute("UPDATE tally SET value = value + 10"), True)
+    assert _value(pg_url) == 10  # a one-statement write after it is committed at once
+    lite_db.write(cur, lambda c: c.execute("UPDATE tally SET value = value + 1"))
+    assert _value(pg_url) == 11
+    cur.close()
+
+
 def test_rows_answer_by_index_and_name_with_question_mark_placeholders(pg_url):
     cur = _ready(pg_url)
     (row,) = lite_db.query(cur, "SELECT name, value FROM tally WHERE name = ?", ("hits",))

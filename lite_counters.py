@@ -89,11 +89,13 @@ class BadInput(ValueError):
 
 def counter_name_from(values: Sequence[str]) -> str | None:
     """The counter a request's `counter` values name; None (the first counter) if none."""
+    if not values:
+        return None
     if len(values) > 1:
         raise BadInput("give counter once")
-    if values and not COUNTER_NAME.match(values[0]):
+    if not COUNTER_NAME.match(values[0]):
         raise BadInput("counter: use 1-64 of a-z, 0-9, _ and -")
-    return values[0] if values else None
+    return values[0]
 
 
 def step_from(values: Sequence[str]) -> int:

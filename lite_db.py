@@ -141,6 +141,7 @@ CHECKPOINT_WAIT_MS = 100  # 100 ms: longest wait of a RESTART checkpoint for rea
 WAL_FRAME_HEADER_BYTES = 24  # each page in the WAL is preceded by a 24-byte header
 WAL_HEADER_BYTES = 32  # the -wal file starts with a 32-byte header; salts at bytes 16-23
 SPLIT_CHECK_S = 0.1  # 100 ms: how long a new connection looks before calling its files split
+DIRECTORY_SETTLE_S = 1.0  # 1 s: a directory changed more recently is looked into file by file
 DATABASE_FILE_SUFFIXES = ("", "-wal", "-shm")
 QUEUE_SUFFIX = "-queue"  # the write queue's file, beside the database
 REFUSED_SUFFIX = "-refused"  # present: the database was removed or replaced while in use
@@ -601,6 +602,10 @@ class Connection(sqlite3.Connection):
         # (device, inode) of each of the database's files (the database, its
         # -wal and -shm) it holds open, by path; empty where /proc is missing.
         self.files: dict[str, tuple[int, int]] = {}
+        self.directory = os.path.dirname(os.path.abspath(_file_of(path)))
+        # The directory's (device, inode, mtime, ctime) when a look found the
+        # files in place and it had been left alone for DIRECTORY_SETTLE_S.
+        self.directory_mark: tuple[int, int, int, int] | None = None
         # Why its -wal or -shm is not the one the other processes use; None if it is.
         self.split: str | None = None
         self.queue = WriteQueue(_file_of(path))  # its file opened at the first transaction
@@ -1026,7 +1031,25 @@ def _refuse_if_changed(conn: Connection) -> None:
 
 
 def _file_changed(conn: Connection) -> str | None:
-    """Why a path no longer names the file the connection holds; None if each still does."""
+    """Why a path no longer names the file the connection holds; None if each still does.
+
+    One `stat` of the database's directory, when it is as it was at an
+    earlier look that found every file in place: removing, renaming or
+    linking any file in a directory changes its mtime and ctime, so an
+    unchanged directory has the same files under the same names. Otherwise
+    a `stat` of each file; a directory is trusted only once it has been
+    left alone for DIRECTORY_SETTLE_S, far more than the clock tick its
+    timestamps are taken at, so that a change in the same tick as the look
+    still shows.
+    """
+    try:
+        seen = os.stat(conn.directory)
+    except OSError:
+        seen = None
+    else:
+        mark = (seen.st_dev, seen.st_ino, seen.st_mtime_ns, seen.st_ctime_ns)
+        if mark == conn.directory_mark:
+            return None
     for name, identity in conn.files.items():
         try:
             now = os.stat(name)
@@ -1036,6 +1059,8 @@ def _file_changed(conn: Connection) -> str | None:
             continue
         if (now.st_dev, now.st_ino) != identity:
             return f"{name} was replaced by another file"
+    if seen is not None and time.time() - DIRECTORY_SETTLE_S > max(seen.st_mtime, seen.st_ctime):
+        conn.directory_mark = mark
     return None
 
 

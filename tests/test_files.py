@@ -5,6 +5,7 @@ process still holds is saved beside the path, and nothing is created anew."""
 import glob
 import logging
 import os
+import shutil
 import sqlite3
 import time
 
@@ -140,3 +141,37 @@ def test_one_copy_is_saved_not_one_per_process(db_path, counting):
     assert procs.finish(running, results, timeout_s=60) == [True] * 4
     (saved,) = saved_copies(db_path)
     assert value_in(saved) == 9
+
+
+@pytest.mark.parametrize("change", ["remove", "move over", "move aside, copy back", "remove -wal"])
+def test_a_change_after_the_directory_settled_is_refused_as_at_once(
+    db_path, counting, monkeypatch, change
+):
+    directory = os.path.dirname(os.path.abspath(db_path))
+    time.sleep(lite_db.DIRECTORY_SETTLE_S + 0.2)  # the directory left alone
+    lite_counters.increment(counting, "hits")  # 6: a look file by file finds all in place
+    looked = []
+    stat = os.stat
+
+    def counted_stat(path, *args, **kwargs):
+        looked.append(os.fspath(path))
+        return stat(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "stat", counted_stat)
+    lite_counters.increment(counting, "hits")  # 7
+    monkeypatch.undo()
+    assert looked == [directory, directory]  # before and after the write: the directory alone
+    # The change comes at once, within the clock tick of the last look.
+    if change == "remove":
+        os.remove(db_path)
+    elif change == "move over":
+        shutil.copy(db_path, db_path + ".copy")
+        os.replace(db_path + ".copy", db_path)
+    elif change == "move aside, copy back":
+        os.rename(db_path, db_path + ".old")
+        shutil.copy(db_path + ".old", db_path)
+    else:
+        os.remove(db_path + "-wal")
+    with pytest.raises(lite_db.Unavailable, match=r"removed|replaced"):
+        lite_counters.increment(counting, "hits")
+    assert value_in(saved_copies(db_path)[-1]) == 7  # what was acknowledged is saved

@@ -7,6 +7,7 @@ import logging
 import os
 import shutil
 import sqlite3
+import subprocess
 import time
 
 import procs
@@ -175,3 +176,20 @@ def test_a_change_after_the_directory_settled_is_refused_as_at_once(
     with pytest.raises(lite_db.Unavailable, match=r"removed|replaced"):
         lite_counters.increment(counting, "hits")
     assert value_in(saved_copies(db_path)[-1]) == 7  # what was acknowledged is saved
+
+
+@pytest.mark.root
+def test_a_file_mounted_over_the_database_after_the_directory_settled_is_refused(
+    db_path, counting, tmp_path
+):
+    other = tmp_path / "other.db"
+    shutil.copy(db_path, other)
+    time.sleep(lite_db.DIRECTORY_SETTLE_S + 0.2)  # the directory left alone
+    lite_counters.increment(counting, "hits")  # 6
+    lite_counters.increment(counting, "hits")  # 7: the directory alone is looked at
+    subprocess.run(["mount", "--bind", str(other), db_path], check=True)  # the directory unchanged
+    try:
+        with pytest.raises(lite_db.Unavailable, match="replaced by another file"):
+            lite_counters.increment(counting, "hits")
+    finally:
+        subprocess.run(["umount", db_path], check=True)

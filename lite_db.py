@@ -604,54 +604,18 @@ class Connection(sqlite3.Connection):
         # -wal and -shm) it holds open, by path; empty where /proc is missing.
         self.files: dict[str, tuple[int, int]] = {}
         self.directory = os.path.dirname(os.path.abspath(_file_of(path)))
-        # The directory's (device, inode, mtime, ctime) and the mount table's
-        # generation when a look found the files in place and the directory
-        # had been left alone for DIRECTORY_SETTLE_S.
-        self.directory_mark: tuple[int, int, int, int, int] | None = None
+        # The directory's (device, inode, mtime, ctime) when a look found the
+        # files in place and it had been left alone for DIRECTORY_SETTLE_S.
+        self.directory_mark: tuple[int, int, int, int] | None = None
+        self.mounts = MountWatch()
         # Why its -wal or -shm is not the one the other processes use; None if it is.
         self.split: str | None = None
         self.queue = WriteQueue(_file_of(path))  # its file opened at the first transaction
 
     def close(self) -> None:
         self.queue.close()
+        self.mounts.close()
         super().close()
-
-
-class MountWatch:
-    """Counts the changes of this process's mount table.
-
-    A mount can put another file at a path without changing its directory.
-    Polls /proc/self/mountinfo, which the kernel marks (POLLPRI) once per
-    mount or unmount since the last poll. `generation()` never raises;
-    where the file cannot be polled it returns a new number at every call,
-    so that nothing is trusted.
-    """
-
-    def __init__(self) -> None:
-        self.fd: int | None = None
-        self.poller: Any = None
-        self.count = 0
-
-    def generation(self) -> int:
-        """A number that changes whenever the mount table may have changed since the last call."""
-        try:
-            if self.poller is None:
-                self.fd = os.open("/proc/self/mountinfo", os.O_RDONLY | os.O_CLOEXEC)
-                self.poller = select.poll()
-                self.poller.register(self.fd, select.POLLPRI | select.POLLERR)
-                self.poller.poll(0)  # the table as it is now is the first generation
-            elif self.poller.poll(0):
-                self.count += 1
-        except OSError:
-            self.close()
-            self.count += 1
-        return self.count
-
-    def close(self) -> None:
-        if self.fd is not None:
-            with contextlib.suppress(OSError):
-                os.close(self.fd)
-        self.fd, self.poller = None, None
 
 
 class Registry:
@@ -674,7 +638,6 @@ class Registry:
         # Paths whose database file was removed or replaced under this
         # process: their writes are refused, the reason kept here.
         self.refused: dict[str, str] = {}
-        self.mounts = MountWatch()
 
     def held(self, database: str) -> Any | None:
         """This thread's connection to `database`, if it has one (after a fork: none)."""
@@ -718,8 +681,6 @@ class Registry:
         self.closed_figures = Figures()
         self.lock = threading.Lock()
         self.refused = {}
-        self.mounts.close()  # the parent's: polling it would take the parent's news
-        self.mounts = MountWatch()
         self.pid = os.getpid()
 
     def retire(self, key: tuple[str, int]) -> None:
@@ -1072,6 +1033,46 @@ def _refuse_if_changed(conn: Connection) -> None:
         raise Unavailable(f"database files changed: {refused}")
 
 
+class MountWatch:
+    """Whether a mount came or went since the last look: one per connection, used by its thread.
+
+    A mount can put another file at a path without changing its directory.
+    Polls /proc/self/mountinfo, which the kernel marks (POLLPRI) on every
+    mount or unmount since this descriptor's last poll. `changed()` never
+    raises; where the file cannot be polled it answers True.
+    """
+
+    def __init__(self) -> None:
+        self.fd: int | None = None
+        self.poller: Any = None
+
+    def changed(self) -> bool:
+        """True if a mount or unmount may have happened since the last call (and at the first)."""
+        try:
+            if self.poller is None:
+                self.fd = os.open("/proc/self/mountinfo", os.O_RDONLY | os.O_CLOEXEC)
+                self.poller = select.poll()
+                self.poller.register(self.fd, select.POLLPRI | select.POLLERR)
+                self.poller.poll(0)
+                return True
+            return bool(self.poller.poll(0))
+        except OSError:
+            self.close()
+            return True
+
+    def close(self) -> None:
+        if self.fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(self.fd)
+        self.fd, self.poller = None, None
+
+    def __del__(self) -> None:
+        # E.g. the watch of a connection freed without close(); at interpreter
+        # exit the modules close() needs may already be gone.
+        with contextlib.suppress(Exception):
+            self.close()
+
+
 def _file_changed(conn: Connection) -> str | None:
     """Why a path no longer names the file the connection holds; None if each still does.
 
@@ -1084,14 +1085,14 @@ def _file_changed(conn: Connection) -> str | None:
     DIRECTORY_SETTLE_S, far more than the clock tick its timestamps are
     taken at, so that a change in the same tick as the look still shows.
     """
-    mounts = registry.mounts.generation()
+    mounted = conn.mounts.changed()
     try:
         seen = os.stat(conn.directory)
     except OSError:
         seen = None
     else:
-        mark = (seen.st_dev, seen.st_ino, seen.st_mtime_ns, seen.st_ctime_ns, mounts)
-        if mark == conn.directory_mark:
+        mark = (seen.st_dev, seen.st_ino, seen.st_mtime_ns, seen.st_ctime_ns)
+        if mark == conn.directory_mark and not mounted:
             return None
     for name, identity in conn.files.items():
         try:

@@ -11,12 +11,19 @@ Metrics are never load-bearing. prometheus_client writes its values through
 memory-mapped files, and a page of a mapping that the file system cannot back
 (a full disk, a file truncated under the map) is a SIGBUS that kills the
 process on its next request. lite keeps each value in memory and writes it
-through with pwrite(2), which fails with an error instead: on a failure the
-process goes on counting in memory, logs the cause once, and every CHECK_S
-writes its files whole again (created anew if they were removed, truncated
-or replaced) until that succeeds. It installs its own value class through
-prometheus_client's hook for that, `prometheus_client.values.ValueClass`,
-so metrics the app makes after `process_metrics()` are kept the same way.
+to the file with pwrite(2), which fails with an error instead: on a failure
+the process goes on counting in memory, logs the cause once, and every
+CHECK_S writes its files whole again (created anew if they were removed,
+truncated or replaced) until that succeeds. It installs its own value class
+through prometheus_client's hook for that, `prometheus_client.values.ValueClass`,
+so metrics the app makes after `process_metrics()` are kept the same way
+(written through on each change).
+
+lite's own counts, one per request and per lite_db event, are queued where
+they happen (a deque: no lock, no system call) and published, added up, by
+a thread of the process every PUBLISH_S, at a scrape and at exit. A scrape
+waits SCRAPE_WAIT_S for the other processes to publish; a process killed
+with SIGKILL loses what it had not yet published.
 
 Files of processes that have exited are folded into one archive file per
 kind (counter_archive.db, histogram_archive.db, ...) before each scrape and
@@ -31,8 +38,8 @@ flock on lite-metrics.lock in the directory; the servers' own writes take none.
 Contract:
 - `process_metrics()`: this process's Metrics, made on first call and fed
   from lite_db.listeners. Never raises for the directory's state.
-- `Metrics.request(route, method, status, seconds)` counts one request; it
-  and every other count never raise.
+- `Metrics.request(route, method, status, seconds)` counts one request,
+  published within PUBLISH_S; it and every other count never raise.
 - `Metrics.render(db_path)` is the text format; `Metrics.totals(db_path)` the
   same sums as a dict, for /lite/stats and the page (`db_path`: the SQLite
   file whose sizes are measured; None for a database server). Both raise
@@ -40,6 +47,9 @@ Contract:
   or holds a file that is not a metrics file.
 """
 
+import atexit
+import bisect
+import collections
 import contextlib
 import errno
 import fcntl
@@ -47,6 +57,7 @@ import functools
 import glob
 import json
 import logging
+import math
 import os
 import struct
 import threading
@@ -88,6 +99,8 @@ METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")  # others
 LOCK_FILE = "lite-metrics.lock"
 ARCHIVE = "archive"  # the process part of an archive file's name
 CHECK_S = 1.0  # 1 s: how often a process checks its files, and retries writing them
+PUBLISH_S = 0.1  # 100 ms: how often a process publishes the counts it queued
+SCRAPE_WAIT_S = 2 * PUBLISH_S  # a scrape waits for every process to publish once
 MAX_FILE_BYTES = 16 * 1024 * 1024  # 16 MiB: a larger file is not one of lite's metrics files
 # prometheus_client's file format: the bytes used (int32, then 4 of padding),
 # then entries: key length (int32), UTF-8 key padded to 8 bytes, value and
@@ -241,49 +254,47 @@ def _write_file(path: str, slots: dict[str, list[float]]) -> None:
 class _File:
     """One file of this process's values (one per kind: counter_PID.db, ...).
 
-    `slots` holds every value as [value, timestamp]: the truth. The file is
-    a copy, written through while `ok`; a failed write clears `ok` and the
-    store writes the file whole again later.
+    `image` is the file as it should be, every value in it: the truth. A
+    change is written through (the bytes that changed, one pwrite) while
+    `ok`; a failed write clears `ok` and the store writes the file whole
+    again later. Without a path (no directory) the image is all there is.
     """
 
-    def __init__(self, store: "_Store", path: str) -> None:
+    def __init__(self, store: "_Store", path: str | None) -> None:
         self.store = store
         self.path = path
-        self.slots: dict[str, list[float]] = {}
-        self.positions: dict[str, int] = {}
-        self.used = 0
         self.fd: int | None = None
         self.ok = False
-        try:
-            # A PID in use again continues its predecessor's file, as prometheus_client does.
-            self.slots = {key: [value, ts] for key, value, ts in read_file(path)}
-        except FileNotFoundError:
-            pass
-        except (OSError, ValueError) as exc:
-            store.troubles.report(f"cannot read {path} ({exc}); it is written anew")
+        entries: dict[str, list[float]] = {}
+        if path is not None:
+            try:
+                # A PID in use again continues its predecessor's file, as prometheus_client does.
+                entries = {key: [value, ts] for key, value, ts in read_file(path)}
+            except FileNotFoundError:
+                pass
+            except (OSError, ValueError) as exc:
+                store.troubles.report(f"cannot read {path} ({exc}); it is written anew")
+        image, self.positions = _image(entries)
+        self.image = bytearray(image)
         self.rewrite()
 
-    def slot(self, key: str) -> list[float]:
-        """The value of `key`, added to the file if new."""
-        slot = self.slots.get(key)
-        if slot is None:
-            slot = self.slots[key] = [0.0, 0.0]
-            if self.ok:
-                entry = _entry(key, 0.0, 0.0)
-                try:
-                    _pwrite_all(self.fd, entry, self.used)
-                    _pwrite_all(self.fd, _INT.pack(self.used + len(entry)), 0)
-                except OSError as exc:
-                    self.broke(exc)
-                else:
-                    self.used += len(entry)
-                    self.positions[key] = self.used - _TWO_DOUBLES.size
-        return slot
+    def position(self, key: str) -> int:
+        """Where `key`'s value is in the image; a new key is added and written."""
+        position = self.positions.get(key)
+        if position is None:
+            start = len(self.image)
+            self.image += _entry(key, 0.0, 0.0)
+            _INT.pack_into(self.image, 0, len(self.image))
+            position = self.positions[key] = len(self.image) - _TWO_DOUBLES.size
+            self.write(start, len(self.image))  # the entry before the length that covers it
+            self.write(0, _INT.size)
+        return position
 
-    def write(self, key: str, slot: list[float]) -> None:
+    def write(self, start: int, end: int) -> None:
+        """Write through the image's bytes [start, end); never raises."""
         if self.ok:
             try:
-                _pwrite_all(self.fd, _TWO_DOUBLES.pack(*slot), self.positions[key])
+                _pwrite_all(self.fd, self.image[start:end], start)
             except OSError as exc:
                 self.broke(exc)
 
@@ -307,21 +318,25 @@ class _File:
     def moved(self) -> bool:
         """Whether the file is not at its path, or its bytes are not what was written."""
         # Truncated, overwritten or extended by another writer: a few KiB, once per CHECK_S.
-        return self.renamed() or os.pread(self.fd, self.used + 1, 0) != _image(self.slots)[0]
+        return self.renamed() or os.pread(self.fd, len(self.image) + 1, 0) != self.image
 
     def rewrite(self) -> None:
         """Write the whole file again, at its path (made anew if renamed); never raises."""
+        if self.path is None:
+            return
         try:
             if self.renamed():
                 self.close()
                 self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-            image, positions = _image(self.slots)
-            _pwrite_all(self.fd, image, 0)
-            os.ftruncate(self.fd, len(image))
+            # The entries before the length that covers them: a short write
+            # (a full disk) leaves the length on disk as it was.
+            _pwrite_all(self.fd, self.image[HEADER_BYTES:], HEADER_BYTES)
+            _pwrite_all(self.fd, self.image[:HEADER_BYTES], 0)
+            os.ftruncate(self.fd, len(self.image))
         except OSError as exc:
             self.broke(exc)
         else:
-            self.ok, self.used, self.positions = True, len(image), positions
+            self.ok = True
 
     def close(self) -> None:
         if self.fd is not None:
@@ -332,14 +347,14 @@ class _File:
 
 
 class _Store:
-    """This process's files in `directory`, and the values kept in them.
+    """This process's values, one _File per kind, in `directory` (None: in memory only).
 
     prometheus_client's metrics hold one `value_class` instance per series;
-    every update goes through `lock`. A fork starts the child on files of
-    its own, as prometheus_client does.
+    every change goes through `lock`. A fork starts the child on files of
+    its own, its values from zero, as prometheus_client does.
     """
 
-    def __init__(self, directory: str) -> None:
+    def __init__(self, directory: str | None) -> None:
         self.directory = directory
         self.lock = threading.Lock()
         self.pid = os.getpid()
@@ -347,18 +362,23 @@ class _Store:
         self.values: list[Any] = []
         self.troubles = _Troubles(f"; counted in memory, written again within {CHECK_S:g} s")
         self.check_at = 0.0  # time.monotonic() of the next check
-        self.value_class = type("LiteFileValue", (_FileValue,), {"store": self})
+        self.value_class = type("LiteValue", (_Value,), {"store": self})
 
-    def bind(self, value: "_FileValue") -> None:
-        """Point `value` at its slot in this process's file of its kind."""
+    def bind(self, value: "_Value") -> None:
+        """Point `value` at its place in this process's file of its kind."""
         file = self.files.get(value.prefix)
         if file is None:
-            path = os.path.join(self.directory, f"{value.prefix}_{self.pid}.db")
+            path = None
+            if self.directory is not None:
+                path = os.path.join(self.directory, f"{value.prefix}_{self.pid}.db")
             file = self.files[value.prefix] = _File(self, path)
-        value.file, value.slot = file, file.slot(value.key)
+        value.file, value.position = file, file.position(value.key)
 
     def forked(self) -> None:
-        """In a child: files of its own, every value starting from them."""
+        """In a child: a new lock (the parent's may have been held), files of its own."""
+        self.lock = threading.Lock()
+        if self.directory is None:  # the values the parent had, as prometheus_client's
+            return
         for file in self.files.values():
             file.close()
         self.files.clear()
@@ -366,9 +386,16 @@ class _Store:
         for value in self.values:
             self.bind(value)
 
+    def check_now_and_then(self) -> None:
+        """check() once every CHECK_S; the caller holds the lock."""
+        if time.monotonic() >= self.check_at:
+            self.check()
+
     def check(self) -> None:
         """Write again each file that failed or was removed, cut short or replaced."""
         self.check_at = time.monotonic() + CHECK_S
+        if self.directory is None:
+            return
         for file in self.files.values():
             try:
                 moved = file.moved()
@@ -383,7 +410,10 @@ class _Store:
             self.troubles.resolved(f"the files in {self.directory} are written again")
 
 
-class _FileValue:
+_DOUBLE = struct.Struct("d")
+
+
+class _Value:
     """prometheus_client's value interface (MutexValue's), kept by a _Store."""
 
     _multiprocess = True
@@ -403,41 +433,119 @@ class _FileValue:
         self.prefix = f"{typ}_{multiprocess_mode}" if typ == "gauge" else typ
         self.key = mmap_key(metric_name, name, labelnames, labelvalues, help_text)
         self.file: _File
-        self.slot: list[float]
+        self.position: int
         store = self.store
         with store.lock:
-            if store.pid != os.getpid():
-                store.forked()
             store.bind(self)
             store.values.append(self)
 
-    def _update(self, value: float, timestamp: float, add: bool) -> None:
-        store = self.store
-        with store.lock:
-            if store.pid != os.getpid():
-                store.forked()
-            slot = self.slot
-            slot[0] = slot[0] + value if add else value
-            slot[1] = timestamp
-            self.file.write(self.key, slot)
-            if time.monotonic() >= store.check_at:
-                store.check()
+    def add(self, amount: float) -> None:
+        """Add `amount` (the caller holds the store's lock); not yet written through."""
+        image, position = self.file.image, self.position
+        _DOUBLE.pack_into(image, position, _DOUBLE.unpack_from(image, position)[0] + amount)
 
     def inc(self, amount: float) -> None:
-        self._update(amount, 0.0, add=True)
+        store = self.store
+        with store.lock:
+            self.add(amount)
+            self.file.write(self.position, self.position + _DOUBLE.size)
+            store.check_now_and_then()
 
     def set(self, value: float, timestamp: float | None = None) -> None:
-        self._update(value, timestamp or 0.0, add=False)
+        store = self.store
+        with store.lock:
+            _TWO_DOUBLES.pack_into(self.file.image, self.position, value, timestamp or 0.0)
+            self.file.write(self.position, self.position + _TWO_DOUBLES.size)
+            store.check_now_and_then()
 
     def get(self) -> float:
         with self.store.lock:
-            return self.slot[0]
+            return _DOUBLE.unpack_from(self.file.image, self.position)[0]
 
     def set_exemplar(self, exemplar: Any) -> None:
         """Exemplars are not kept across processes (nor by prometheus_client)."""
 
     def get_exemplar(self) -> None:
         return None
+
+
+def _histogram_values(histogram: Histogram) -> tuple[_Value, list[_Value], list[float]] | None:
+    """A histogram's sum and bucket values and its bounds; None if they are not lite's.
+
+    prometheus_client's Histogram keeps them as `_sum`, `_buckets` and
+    `_upper_bounds` (stable since its first versions); another layout makes
+    lite count through `observe`, one observation at a time.
+    """
+    total = getattr(histogram, "_sum", None)
+    buckets = getattr(histogram, "_buckets", None)
+    bounds = getattr(histogram, "_upper_bounds", None)
+    if not (isinstance(total, _Value) and isinstance(buckets, list) and isinstance(bounds, list)):
+        return None
+    if len(buckets) != len(bounds) or not all(isinstance(b, _Value) for b in buckets):
+        return None
+    return total, buckets, bounds
+
+
+def _grouped(pending: collections.deque[tuple[Any, float]]) -> dict[Any, list[float]]:
+    """Take every (key, amount) queued in `pending`: the amounts by key, in order."""
+    groups: dict[Any, list[float]] = {}
+    popleft = pending.popleft
+    for _ in range(len(pending)):  # those queued from now on wait for the next publish
+        key, amount = popleft()
+        amounts = groups.get(key)
+        if amounts is None:
+            groups[key] = [amount]
+        else:
+            amounts.append(amount)
+    return groups
+
+
+class _Counts:
+    """Counts added up between two publishes, then added to their values at once."""
+
+    def __init__(self, store: _Store) -> None:
+        self.store = store
+        self.deltas: dict[_Value, float] = {}
+
+    def add(self, value: _Value, amount: float) -> None:
+        self.deltas[value] = self.deltas.get(value, 0.0) + amount
+
+    def observe(
+        self, histogram: tuple[_Value, list[_Value], list[float]], amounts: list[float]
+    ) -> None:
+        total, buckets, bounds = histogram
+        deltas = self.deltas
+        deltas[total] = deltas.get(total, 0.0) + math.fsum(amounts)
+        for amount in amounts:
+            bucket = buckets[bisect.bisect_left(bounds, amount)]  # the first bound >= amount
+            deltas[bucket] = deltas.get(bucket, 0.0) + 1.0
+
+    def inc_of(self, counter: Counter) -> Callable[[float], None]:
+        """A function that counts `amount` for `counter` here (its own inc if not lite's)."""
+        value = getattr(counter, "_value", None)
+        return functools.partial(self.add, value) if isinstance(value, _Value) else counter.inc
+
+    def observe_of(self, histogram: Histogram) -> Callable[[list[float]], None]:
+        """A function that counts a list of observations for `histogram` here."""
+        values = _histogram_values(histogram)
+        if values is None:  # prometheus_client's own observe, one at a time
+            return lambda amounts: collections.deque(map(histogram.observe, amounts), maxlen=0)
+        return functools.partial(self.observe, values)
+
+    def write(self) -> None:
+        """Add the counts to their values, each changed file written once; never raises."""
+        if not self.deltas:
+            return
+        store = self.store
+        with store.lock:
+            changed = set()
+            for value, amount in self.deltas.items():
+                value.add(amount)
+                changed.add(value.file)
+            for file in changed:  # its entries, written already: a write in place
+                file.write(HEADER_BYTES, len(file.image))
+            store.check_now_and_then()
+        self.deltas.clear()
 
 
 # ---- Folding the files of processes that have exited ----
@@ -603,10 +711,13 @@ def _process_count(count: int) -> GaugeMetricFamily:
 class Metrics:
     """One process's metrics; `directory`: the multiprocess directory, or None.
 
-    With a directory, prometheus_client's value class becomes this
-    process's _Store (see the module's docstring); without, its in-process
-    one. Making it never raises for the directory's state: what cannot be
-    done is logged and counted in memory.
+    prometheus_client's value class becomes this process's _Store: with a
+    directory its values are written through to files there (see the
+    module's docstring), without one they are kept in memory. lite's own
+    counts (requests, lite_db's events) are queued where they happen and
+    published, added up, every PUBLISH_S by a thread of the process, at a
+    scrape and at exit. Making it never raises for the directory's state:
+    what cannot be done is logged and counted in memory.
     """
 
     def __init__(self, directory: str | None) -> None:
@@ -614,17 +725,17 @@ class Metrics:
         self.registry = CollectorRegistry(auto_describe=False)
         self.troubles = _Troubles()  # why scrapes could not fold or sum
         own = None if directory else self.registry  # multiprocess: read from the files
+        self.store = _Store(directory)
+        prometheus_client.values.ValueClass = self.store.value_class
         if directory:
-            self.store: _Store | None = _Store(directory)
-            prometheus_client.values.ValueClass = self.store.value_class
-            self.collector = _FoldingCollector(directory, self.troubles.report)
+            self.collector: _FoldingCollector | None = _FoldingCollector(
+                directory, self.troubles.report
+            )
             self.registry.register(self.collector)
-            os.register_at_fork(after_in_child=self._after_fork)
         else:
-            self.store = None
             self.collector = None
-            prometheus_client.values.ValueClass = prometheus_client.values.MutexValue
             self.registry.register(_Collected([_process_count(1)]))
+        os.register_at_fork(after_in_child=self._after_fork)
         labels = ("route", "method", "status")
         with self._folded_and_locked():
             # Made under the lock: a fold never removes a file a new process just opened.
@@ -662,14 +773,25 @@ class Metrics:
                 multiprocess_mode="mostrecent",
                 registry=own,
             )
+            self.counts = _Counts(self.store)
             self.on_db_event: dict[str, Callable[[float], None]] = {
-                event: Counter(name, help_, registry=own).inc
+                event: self.counts.inc_of(Counter(name, help_, registry=own))
                 for event, (name, help_) in DB_EVENTS.items()
             }
-        self.on_db_event["write_lock_wait_s"] = self.write_lock_wait.observe
-        # (route, method, status) -> its counter and its route's histogram:
+        self.observe_lock_wait = self.counts.observe_of(self.write_lock_wait)
+        self.counted_events = frozenset({*self.on_db_event, "write_lock_wait_s"})
+        # (route, method, status) -> the functions that count it and time it:
         # labels() validates its values on every call, a dict lookup does not.
-        self.by_request: dict[tuple[str, str, int], tuple[Any, Any]] = {}
+        self.by_request: dict[
+            tuple[str, str, int], tuple[Callable[[float], None], Callable[[float], None]]
+        ] = {}
+        # Counts not yet published, in the order they happened: a deque's
+        # append and popleft are safe from any thread without a lock.
+        self.pending_requests: collections.deque[tuple[str, str, int, float]] = collections.deque()
+        self.pending_events: collections.deque[tuple[str, float]] = collections.deque()
+        self.publishing = threading.Lock()
+        self._start_publisher()
+        atexit.register(self.publish)
 
     @contextlib.contextmanager
     def _folded_and_locked(self) -> Iterator[None]:
@@ -688,32 +810,64 @@ class Metrics:
             yield
 
     def _after_fork(self) -> None:
-        # The parent's lock may have been held by another thread at the fork.
-        self.store.lock = threading.Lock()
-        # prometheus_client opens a child's own files at its first update;
-        # done here under the directory's lock, for the reason given in __init__.
+        # The parent publishes what it queued; the child's own files are
+        # opened under the directory's lock, for the reason given in __init__.
+        self.pending_requests.clear()
+        self.pending_events.clear()
+        self.publishing = threading.Lock()  # the parent's may have been held
+        self.counts.deltas.clear()
         with self._folded_and_locked():
-            self.on_db_event["writes"](0)
+            self.store.forked()
+        self._start_publisher()
+
+    def _start_publisher(self) -> None:
+        threading.Thread(target=self._publish_forever, name="lite-metrics", daemon=True).start()
+
+    def _publish_forever(self) -> None:
+        while True:
+            time.sleep(PUBLISH_S)
+            self.publish()
 
     def on_event(self, event: str, amount: float) -> None:
-        """A lite_db listener: count the event."""
-        count = self.on_db_event.get(event)
-        if count is not None:
-            count(amount)
-        if event == "checkpoints":
-            self.last_checkpoint.set(time.time())
+        """A lite_db listener: queue the event if it is counted."""
+        if event in self.counted_events:
+            self.pending_events.append((event, amount))
+            if event == "checkpoints":
+                self.pending_events.append(("checkpoint_at", time.time()))
 
     def request(self, route: str, method: str, status: int, seconds: float) -> None:
-        """Count one answered request; `route` is the route's pattern, never the raw path."""
-        series = self.by_request.get((route, method, status))
-        if series is None:
-            label = method if method in METHODS else "other"
-            series = self.by_request[(route, method, status)] = (
-                self.requests.labels(route, label, str(status)),
-                self.request_seconds.labels(route),
-            )
-        series[0].inc()
-        series[1].observe(seconds)
+        """Queue one answered request; `route` is the route's pattern, never the raw path."""
+        self.pending_requests.append(((route, method, status), seconds))
+
+    def publish(self) -> None:
+        """Count what is queued into this process's values and files; never raises."""
+        if not (self.pending_requests or self.pending_events):
+            return
+        try:
+            with self.publishing:
+                self._publish()
+        except Exception as exc:  # a thread's loop and atexit must go on
+            self.troubles.report(f"cannot publish this process's counts: {exc!r}")
+
+    def _publish(self) -> None:
+        for (route, method, status), seconds in _grouped(self.pending_requests).items():
+            series = self.by_request.get((route, method, status))
+            if series is None:
+                label = method if method in METHODS else "other"
+                series = self.by_request[(route, method, status)] = (
+                    self.counts.inc_of(self.requests.labels(route, label, str(status))),
+                    self.counts.observe_of(self.request_seconds.labels(route)),
+                )
+            series[0](len(seconds))
+            series[1](seconds)
+        for event, amounts in _grouped(self.pending_events).items():
+            if event == "write_lock_wait_s":
+                self.observe_lock_wait(amounts)
+            elif event == "checkpoint_at":
+                self.last_checkpoint.set(max(amounts))
+            else:
+                self.on_db_event[event](math.fsum(amounts))
+        self.counts.write()
 
     def _measure(self, db_path: str | None) -> None:
         if db_path is None:  # not SQLite: no files to measure
@@ -725,9 +879,11 @@ class Metrics:
                 gauge.set(0)
 
     def _collect(self) -> list[Any]:
-        if self.store is not None:  # this process's own files first, if they need writing
-            with self.store.lock:
-                self.store.check()
+        self.publish()
+        with self.store.lock:  # this process's own files first, if they need writing
+            self.store.check()
+        if self.directory is not None:  # the other processes' publishers
+            time.sleep(SCRAPE_WAIT_S)
         try:
             families = list(self.registry.collect())
         except MetricsUnavailable as exc:

@@ -28,6 +28,11 @@ def barrier(parties):
     return _ctx.Barrier(parties)
 
 
+def times(size):
+    """A shared array of `size` doubles (no lock): a child's recent time.monotonic()s."""
+    return _ctx.Array("d", size, lock=False)
+
+
 def start(target, args_list):
     """Start one process per args tuple; returns (processes, results queue)."""
     results = _ctx.Queue()

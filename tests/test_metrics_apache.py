@@ -1,7 +1,8 @@
 """/metrics under the real Apache: 20 daemons share PROMETHEUS_MULTIPROC_DIR
 (set by serve.sh in their process environment); while 20 clients increment,
 every daemon is SIGKILLed twice (mod_wsgi starts new ones) and no total read
-from /metrics ever falls; the requests it counts match what clients saw."""
+from /metrics ever falls; the requests it counts match what clients saw, less
+at most those answered in the publish period before each kill."""
 
 import itertools
 import os
@@ -13,9 +14,12 @@ import history
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+import lite_metrics
+
 pytestmark = [pytest.mark.apache, pytest.mark.slow]
 
 GAUGES = ("lite_db_bytes", "lite_db_wal_bytes", "lite_processes")
+PUBLISHER_LATE_S = 0.5  # 20 daemons and 20 clients on 2 cores
 
 
 def scrape(dep):
@@ -43,12 +47,14 @@ def test_totals_never_fall_when_every_daemon_is_killed_under_load(deployment):
     before_value = deployment.value()
     first = scrape(deployment)
     wait = history.start(deployment.port, seconds=7.0)
-    scrapes, killed = [first], 0
+    scrapes, killed, kills = [first], 0, []
     for round_ in range(2):
         time.sleep(2.0)
+        began = time.monotonic()
         for pid in deployment.daemons():
             os.kill(pid, signal.SIGKILL)  # mod_wsgi starts new ones
             killed += 1
+        kills.append((began, time.monotonic()))
         deadline = time.monotonic() + 1.0 + round_
         while time.monotonic() < deadline:
             scrapes.append(scrape(deployment))
@@ -67,9 +73,18 @@ def test_totals_never_fall_when_every_daemon_is_killed_under_load(deployment):
     after_value = deployment.value()
     load.check(before_value, after_value)
     counted = inc_200(scrapes[-1]) - inc_200(first)
-    # Each acknowledged increment was counted before its response left; a
-    # daemon killed between counting and answering adds one the client missed.
-    assert len(load.ok) <= counted <= len(load.ok) + killed
+    # Each acknowledged increment was counted before its response left, and
+    # published within PUBLISH_S (late by at most PUBLISHER_LATE_S on this
+    # loaded machine): a kill loses only those answered in that window
+    # before it. A daemon killed between counting and answering adds one
+    # the client missed.
+    window = lite_metrics.PUBLISH_S + PUBLISHER_LATE_S
+    unpublished = sum(
+        1
+        for _, ended, _, ok in load.timeline
+        if ok and any(began - window < ended < done + window for began, done in kills)
+    )
+    assert len(load.ok) - unpublished <= counted <= len(load.ok) + killed
     assert scrapes[-1][("lite_processes", ())] <= 20
     names = os.listdir(metrics_dir)
     assert "counter_archive.db" in names  # the killed daemons' counts, folded

@@ -187,7 +187,12 @@ REFUSED = {"read-only", "removed"}
 
 
 def restart_workers(master):
-    """SIGKILL every worker by PID; the new workers' PIDs once gunicorn has started them."""
+    """SIGKILL every worker by PID; the new workers' PIDs once gunicorn has started them.
+
+    First waits for the workers to publish what they counted: a SIGKILL
+    loses the counts of the last PUBLISH_S (tests/test_metrics.py bounds that).
+    """
+    time.sleep(lite_metrics.PUBLISH_S + 0.25)
     old = workers(master)
     for pid in old:
         os.kill(pid, signal.SIGKILL)

@@ -42,6 +42,7 @@ per counter; the first is the default counter of the web routes.
 
 import configparser
 import hashlib
+import itertools
 import json
 import logging
 import os
@@ -222,10 +223,14 @@ class ConfigWatcher:
     Keeps what this process last saw of the file.
     """
 
+    _made = itertools.count()  # watchers made in this process, for their names
+
     def __init__(self, path: str) -> None:
         self.path = path
         self.seen: Any = _NOT_SEEN  # (mtime_ns, size, inode), or None: could not stat
         self.future: tuple[str, float] | None = None  # a future-dated version, first read when
+        # Its name in a connection's ChangeWatch: this watcher's own looks.
+        self.watch_name = f"config {path} {next(ConfigWatcher._made)}"
 
     def _settled_in_the_future(self, fingerprint: str) -> bool:
         """True once a file dated in the future has read the same for SETTLE_S.
@@ -242,6 +247,27 @@ class ConfigWatcher:
 
     def refresh(self, cur: sqlite3.Cursor, force: bool = False, again: bool = False) -> str:
         """Apply the file if it changed since this process last looked.
+
+        Asks the connection's ChangeWatch first, where it has one: no event
+        on the file, its directory or a directory above it since the last
+        look that settled (anything but "unsettled") means "unchanged"
+        without a `stat`. Otherwise as `look`.
+        """
+        conn = cur.connection
+        watch = conn.engine.change_watch(conn)
+        if watch is None or force:
+            return self.look(cur, force, again)
+        if not watch.changed(self.watch_name):
+            return "unchanged"
+        if not watch.watches(self.watch_name):  # the first look: watched from now on
+            watch.watch(self.watch_name, lite_db.watched_paths(self.path, content=True))
+        outcome = self.look(cur, force, again)
+        if outcome != "unsettled":
+            watch.looked(self.watch_name)
+        return outcome
+
+    def look(self, cur: sqlite3.Cursor, force: bool = False, again: bool = False) -> str:
+        """Apply the file if its `stat` changed since this process last looked.
 
         `force` skips the settle time (for the command line, not for
         requests); `again` applies the file even if its version is applied.

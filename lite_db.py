@@ -66,6 +66,8 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import ctypes
+import errno
 import logging
 import math
 import os
@@ -142,7 +144,6 @@ CHECKPOINT_WAIT_MS = 100  # 100 ms: longest wait of a RESTART checkpoint for rea
 WAL_FRAME_HEADER_BYTES = 24  # each page in the WAL is preceded by a 24-byte header
 WAL_HEADER_BYTES = 32  # the -wal file starts with a 32-byte header; salts at bytes 16-23
 SPLIT_CHECK_S = 0.1  # 100 ms: how long a new connection looks before calling its files split
-DIRECTORY_SETTLE_S = 1.0  # 1 s: a directory changed more recently is looked into file by file
 DATABASE_FILE_SUFFIXES = ("", "-wal", "-shm")
 QUEUE_SUFFIX = "-queue"  # the write queue's file, beside the database
 REFUSED_SUFFIX = "-refused"  # present: the database was removed or replaced while in use
@@ -286,6 +287,10 @@ class Engine:
         """Why writes through `conn` are refused for good in this process; None if they are not."""
         return None
 
+    def change_watch(self, conn: Any) -> ChangeWatch | None:
+        """The connection's ChangeWatch (for its thread's looks at local files), or None."""
+        return None
+
     def out_of_range(self, exc: Exception) -> bool:
         """True if `exc` says a value did not fit its column (e.g. an integer past 2**63 - 1)."""
         raise NotImplementedError
@@ -375,17 +380,42 @@ class SQLiteEngine(Engine):
         return result
 
     def query(self, cur: sqlite3.Cursor, sql: str, params: Sequence[Any]) -> list[sqlite3.Row]:
-        conn = cur.connection
-        conn.figures.reads += 1  # _read, inlined: the hot path
-        if listeners:
-            notify("reads", 1)
+        figures = cur.connection.figures
+        figures.reads += 1  # _read and notify, inlined: the hot path
+        for listener in listeners:
+            listener("reads", 1)
+        started = time.monotonic()
         try:
-            return retrying(conn, lambda: cur.execute(sql, params).fetchall(), conn.figures)
+            rows = cur.execute(sql, params).fetchall()  # retrying's first attempt, inlined too
         except sqlite3.Error as exc:
-            failure = _failed(conn, "read", "query", exc)
-            if failure is exc:
+            return self._query_again(cur, sql, params, exc, started)
+        elapsed = time.monotonic() - started
+        figures.db_time_s += elapsed
+        for listener in listeners:
+            listener("db_time_s", elapsed)
+        return rows
+
+    def _query_again(
+        self, cur: sqlite3.Cursor, sql: str, params: Sequence[Any], exc: Exception, started: float
+    ) -> list[sqlite3.Row]:
+        """query's rows once its first attempt raised `exc`: retried as retrying does, or raised."""
+        conn = cur.connection
+        count(conn.figures, "db_time_s", time.monotonic() - started)
+        try:
+            if not _is_busy(exc):
+                raise exc
+            count(conn.figures, "busy_retries")
+            deadline = started + LOCK_BUDGET_MS / 1000
+
+            def attempt() -> list[sqlite3.Row]:
+                return cur.execute(sql, params).fetchall()
+
+            return retrying(conn, attempt, conn.figures, deadline)
+        except sqlite3.Error as last:
+            failure = _failed(conn, "read", "query", last)
+            if failure is last:
                 raise
-            raise failure from exc
+            raise failure from last
 
     def create_tables(
         self, cur: sqlite3.Cursor, feature: str, version: int, tables: Sequence[str]
@@ -439,6 +469,9 @@ class SQLiteEngine(Engine):
 
     def refusal(self, conn: Connection) -> str | None:
         return refusal(conn.path)
+
+    def change_watch(self, conn: Connection) -> ChangeWatch:
+        return conn.watch
 
     def out_of_range(self, exc: Exception) -> bool:
         # An integer past 2**63 - 1 becomes a REAL, which a STRICT INTEGER column refuses.
@@ -603,18 +636,15 @@ class Connection(sqlite3.Connection):
         # (device, inode) of each of the database's files (the database, its
         # -wal and -shm) it holds open, by path; empty where /proc is missing.
         self.files: dict[str, tuple[int, int]] = {}
-        self.directory = os.path.dirname(os.path.abspath(_file_of(path)))
-        # The directory's (device, inode, mtime, ctime) when a look found the
-        # files in place and it had been left alone for DIRECTORY_SETTLE_S.
-        self.directory_mark: tuple[int, int, int, int] | None = None
-        self.mounts = MountWatch()
+        # What changed under its files and its app's config, asked before a `stat`.
+        self.watch = ChangeWatch()
         # Why its -wal or -shm is not the one the other processes use; None if it is.
         self.split: str | None = None
         self.queue = WriteQueue(_file_of(path))  # its file opened at the first transaction
 
     def close(self) -> None:
         self.queue.close()
-        self.mounts.close()
+        self.watch.close()
         super().close()
 
 
@@ -1033,38 +1063,160 @@ def _refuse_if_changed(conn: Connection) -> None:
         raise Unavailable(f"database files changed: {refused}")
 
 
-class MountWatch:
-    """Whether a mount came or went since the last look: one per connection, used by its thread.
+# inotify(7)'s event masks (<sys/inotify.h>).
+_IN_MODIFY, _IN_ATTRIB, _IN_CLOSE_WRITE = 0x2, 0x4, 0x8
+_IN_MOVED_FROM, _IN_MOVED_TO, _IN_CREATE, _IN_DELETE = 0x40, 0x80, 0x100, 0x200
+_IN_DELETE_SELF, _IN_MOVE_SELF, _IN_Q_OVERFLOW, _IN_IGNORED = 0x400, 0x800, 0x4000, 0x8000
+_IN_MASK_ADD = 0x20000000
+_IN_RENAMES = _IN_MOVED_FROM | _IN_MOVED_TO | _IN_DELETE | _IN_DELETE_SELF | _IN_MOVE_SELF
+_IN_NAMES = _IN_RENAMES | _IN_CREATE  # a directory's entries
+_IN_CONTENT = _IN_MODIFY | _IN_ATTRIB | _IN_CLOSE_WRITE | _IN_DELETE_SELF | _IN_MOVE_SELF
+_INOTIFY_EVENT = struct.Struct("iIII")  # wd, mask, cookie, name length; then the name
 
-    A mount can put another file at a path without changing its directory.
-    Polls /proc/self/mountinfo, which the kernel marks (POLLPRI) on every
-    mount or unmount since this descriptor's last poll. `changed()` never
-    raises; where the file cannot be polled it answers True.
+
+def watched_paths(path: str, content: bool = False) -> list[tuple[str, int]]:
+    """What a ChangeWatch watches so that `path` cannot name another file unseen.
+
+    The entries of its directory, as named and as resolved through
+    symlinks, and the entries of every directory above those that could be
+    renamed or removed; with `content`, the file's own changes too.
+    """
+    path = os.path.abspath(path)
+    paths = [(path, _IN_CONTENT)] if content else []
+    for directory in dict.fromkeys(
+        (os.path.dirname(path), os.path.realpath(os.path.dirname(path)))
+        + ((os.path.dirname(os.path.realpath(path)),) if content else ())
+    ):
+        paths.append((directory, _IN_NAMES))
+        while directory != os.path.dirname(directory):
+            directory = os.path.dirname(directory)
+            paths.append((directory, _IN_RENAMES))
+    return paths
+
+
+class ChangeWatch:
+    """Whether watched paths may have changed since a look: one per connection, used by its thread.
+
+    One poll(0) of two descriptors answers for every path watched: an
+    inotify(7) instance, and /proc/self/mountinfo, which the kernel marks
+    on every mount or unmount. inotify queues an event before the call that
+    made the change returns, so a change made before a look is seen by it.
+    Each caller watches its paths under a name of its own ("files", a
+    config file's); `changed(name)` answers True from the first event on one
+    of them (or any mount) until `looked(name)`, which the caller calls once
+    a look (a `stat` of each path) found what it needed. Where inotify or the
+    mount table cannot be had (not Linux; past fs.inotify.max_user_instances,
+    128 a user by default), every name is changed at every look: the
+    callers stat each time. Never raises.
     """
 
-    def __init__(self) -> None:
-        self.fd: int | None = None
-        self.poller: Any = None
+    _libc: Any = None  # the C library, loaded by the first watch
 
-    def changed(self) -> bool:
-        """True if a mount or unmount may have happened since the last call (and at the first)."""
-        try:
-            if self.poller is None:
-                self.fd = os.open("/proc/self/mountinfo", os.O_RDONLY | os.O_CLOEXEC)
-                self.poller = select.poll()
-                self.poller.register(self.fd, select.POLLPRI | select.POLLERR)
-                self.poller.poll(0)
-                return True
-            return bool(self.poller.poll(0))
-        except OSError:
-            self.close()
+    def __init__(self) -> None:
+        self.inotify: int | None = None
+        self.mountinfo: int | None = None
+        self.poller: Any = None
+        self.broken = False  # no inotify or mount table: every name always changed
+        self.paths: dict[str, list[tuple[str, int]]] = {}  # name -> (path, inotify mask)
+        self.names_of: dict[int, set[str]] = {}  # inotify watch descriptor -> names
+        self.unwatched: set[str] = set()  # names whose watches must be added again
+        self.changes: set[str] = set()  # names changed since their look
+
+    def watch(self, name: str, paths: list[tuple[str, int]]) -> None:
+        """Watch each (path, inotify mask) for `name`, from now on; changed(name) until looked()."""
+        self.paths[name] = paths
+        self.changes.add(name)
+        if self.poller is not None:
+            self._add_watches(name)
+
+    def changed(self, name: str) -> bool:
+        """True if a path watched for `name` may have changed since looked(name) (or ever)."""
+        if self.poller is None and not self._start():
             return True
+        ready = self.poller.poll(0)
+        if ready:
+            self._take(ready)
+        if name in self.unwatched:
+            self._add_watches(name)  # before the caller's look, so that nothing falls between
+        return name in self.changes or name not in self.paths
+
+    def watches(self, name: str) -> bool:
+        return name in self.paths
+
+    def looked(self, name: str) -> None:
+        """The caller looked after changed(name) and found what it needed: clear the change."""
+        self.changes.discard(name)
+
+    def _start(self) -> bool:
+        if self.broken:
+            return False
+        try:
+            if ChangeWatch._libc is None:
+                ChangeWatch._libc = ctypes.CDLL(None, use_errno=True)
+            self.inotify = ChangeWatch._libc.inotify_init1(os.O_NONBLOCK | os.O_CLOEXEC)
+            if self.inotify < 0:
+                raise OSError(ctypes.get_errno(), "inotify_init1")
+            self.mountinfo = os.open("/proc/self/mountinfo", os.O_RDONLY | os.O_CLOEXEC)
+            self.poller = select.poll()
+            self.poller.register(self.inotify, select.POLLIN)
+            self.poller.register(self.mountinfo, select.POLLPRI | select.POLLERR)
+            self.poller.poll(0)  # the mount table's mark, as of now
+        except (OSError, AttributeError):
+            self.close()
+            self.broken = True
+            return False
+        for name in self.paths:
+            self._add_watches(name)
+        return True
+
+    def _take(self, ready: list[tuple[int, int]]) -> None:
+        for fd, _ in ready:
+            if fd == self.inotify:
+                self._read_events()
+            else:  # a mount or unmount: a path may name another file with no event
+                self.changes.update(self.paths)
+
+    def _add_watches(self, name: str) -> None:
+        self.unwatched.discard(name)
+        self.changes.add(name)
+        for path, mask in self.paths[name]:
+            wd = ChangeWatch._libc.inotify_add_watch(
+                self.inotify, os.fsencode(path), mask | _IN_MASK_ADD
+            )
+            if wd >= 0:
+                self.names_of.setdefault(wd, set()).add(name)
+            elif ctypes.get_errno() != errno.ENOENT:  # a path that does not exist yet is fine
+                self.unwatched.add(name)  # e.g. past max_user_watches: tried again, stat meanwhile
+
+    def _read_events(self) -> None:
+        while True:
+            try:
+                data = os.read(self.inotify, 65536)
+            except BlockingIOError:
+                return
+            except OSError:
+                self.changes.update(self.paths)
+                return
+            at = 0
+            while at + _INOTIFY_EVENT.size <= len(data):
+                wd, mask, _, length = _INOTIFY_EVENT.unpack_from(data, at)
+                at += _INOTIFY_EVENT.size + length
+                if mask & _IN_Q_OVERFLOW:
+                    self.changes.update(self.paths)
+                    self.unwatched.update(self.paths)
+                elif mask & _IN_IGNORED:  # the watch is gone with its file: add it again
+                    for name in self.names_of.pop(wd, ()):
+                        self.changes.add(name)
+                        self.unwatched.add(name)
+                else:
+                    self.changes.update(self.names_of.get(wd, ()))
 
     def close(self) -> None:
-        if self.fd is not None:
-            with contextlib.suppress(OSError):
-                os.close(self.fd)
-        self.fd, self.poller = None, None
+        for fd in (self.inotify, self.mountinfo):
+            if fd is not None and fd >= 0:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+        self.inotify, self.mountinfo, self.poller = None, None, None
 
     def __del__(self) -> None:
         # E.g. the watch of a connection freed without close(); at interpreter
@@ -1076,24 +1228,16 @@ class MountWatch:
 def _file_changed(conn: Connection) -> str | None:
     """Why a path no longer names the file the connection holds; None if each still does.
 
-    One `stat` of the database's directory, when it is as it was at an
-    earlier look that found every file in place: removing, renaming or
-    linking any file in a directory changes its mtime and ctime, so an
-    unchanged directory has the same files under the same names, unless a
-    mount put another file at a path (MountWatch). Otherwise a `stat` of
-    each file; a directory is trusted only once it has been left alone for
-    DIRECTORY_SETTLE_S, far more than the clock tick its timestamps are
-    taken at, so that a change in the same tick as the look still shows.
+    A `stat` of each file, only when the connection's ChangeWatch has seen
+    a change since the last look that found every file in place: removing,
+    renaming or linking a file in the database's directory, or renaming or
+    removing a directory above it, is an inotify event before the call that
+    does it returns; a mount that puts another file at a path changes the
+    mount table.
     """
-    mounted = conn.mounts.changed()
-    try:
-        seen = os.stat(conn.directory)
-    except OSError:
-        seen = None
-    else:
-        mark = (seen.st_dev, seen.st_ino, seen.st_mtime_ns, seen.st_ctime_ns)
-        if mark == conn.directory_mark and not mounted:
-            return None
+    watch = conn.watch
+    if not watch.changed("files"):
+        return None
     for name, identity in conn.files.items():
         try:
             now = os.stat(name)
@@ -1103,8 +1247,7 @@ def _file_changed(conn: Connection) -> str | None:
             continue
         if (now.st_dev, now.st_ino) != identity:
             return f"{name} was replaced by another file"
-    if seen is not None and time.time() - DIRECTORY_SETTLE_S > max(seen.st_mtime, seen.st_ctime):
-        conn.directory_mark = mark
+    watch.looked("files")
     return None
 
 
@@ -1472,6 +1615,7 @@ def _open(path: str, create: bool) -> Connection:
         conn.execute("PRAGMA schema_version").fetchone()
         held = _held_files(path)
         conn.files = {name: identity for name, (identity, _) in held.items()}
+        conn.watch.watch("files", watched_paths(_file_of(path)))
         conn.split = _split_from_others(path, held)
     except BaseException:
         conn.close()

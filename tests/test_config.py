@@ -38,6 +38,40 @@ def test_an_unchanged_file_costs_no_database_work(cur, other, config_path, watch
     assert audit_count(other) == 1
 
 
+@pytest.mark.parametrize("change", ["touched", "written in place", "replaced by rename"])
+def test_an_unchanged_file_costs_no_stat_and_a_change_is_seen_at_once(
+    cur, other, config_path, watcher, monkeypatch, change
+):
+    """The connection's ChangeWatch answers for the file: no stat until it changes."""
+    assert watcher.refresh(cur) == "applied"
+    looked = []
+    stat = os.stat
+
+    def counted_stat(path, *args, **kwargs):
+        looked.append(os.fspath(path))
+        return stat(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "stat", counted_stat)
+    assert [watcher.refresh(cur) for _ in range(3)] == ["unchanged"] * 3
+    assert looked == []
+    monkeypatch.undo()
+    if change == "touched":
+        settle(config_path, age_s=30)
+    elif change == "written in place":
+        with open(config_path, "r+") as f:  # the same file, the same size
+            text = f.read()
+            f.seek(0)
+            f.write(text.replace("hits = 0", "hits = 5"))
+        settle(config_path, age_s=30)
+    else:
+        new = config_path.with_name("config.ini.new")
+        write_config(new, CONFIG.replace("hits = 0", "hits = 5"), age_s=30)
+        os.replace(new, config_path)
+    assert watcher.refresh(cur) == "applied"  # the next look, with no wait
+    assert audit_count(other) == 2
+    assert watcher.refresh(cur) == "unchanged"
+
+
 def test_a_version_applied_by_another_process_is_not_applied_again(
     cur, other, config_path, watcher
 ):

@@ -145,11 +145,10 @@ def test_one_copy_is_saved_not_one_per_process(db_path, counting):
 
 
 @pytest.mark.parametrize("change", ["remove", "move over", "move aside, copy back", "remove -wal"])
-def test_a_change_after_the_directory_settled_is_refused_as_at_once(
+def test_a_change_after_looks_without_a_stat_is_refused_as_at_once(
     db_path, counting, monkeypatch, change
 ):
-    directory = os.path.dirname(os.path.abspath(db_path))
-    time.sleep(lite_db.DIRECTORY_SETTLE_S + 0.2)  # the directory left alone
+    time.sleep(1.2)  # the directory left alone since the last look
     lite_counters.increment(counting, "hits")  # 6: a look file by file finds all in place
     looked = []
     stat = os.stat
@@ -161,7 +160,7 @@ def test_a_change_after_the_directory_settled_is_refused_as_at_once(
     monkeypatch.setattr(os, "stat", counted_stat)
     lite_counters.increment(counting, "hits")  # 7
     monkeypatch.undo()
-    assert looked == [directory, directory]  # before and after the write: the directory alone
+    assert looked == []  # before and after the write: the ChangeWatch answered, no stat
     # The change comes at once, within the clock tick of the last look.
     if change == "remove":
         os.remove(db_path)
@@ -178,13 +177,39 @@ def test_a_change_after_the_directory_settled_is_refused_as_at_once(
     assert value_in(saved_copies(db_path)[-1]) == 7  # what was acknowledged is saved
 
 
+@pytest.mark.parametrize("how", ["renamed", "a symlink swapped"])
+def test_a_directory_above_the_database_replaced_is_refused(tmp_path, how):
+    """Another directory put at the path of one above the database: its files are others."""
+    real = tmp_path / "releases" / "1" / "data"
+    real.mkdir(parents=True)
+    path = tmp_path / "current" / "data" / "lite.db"
+    if how == "renamed":
+        path = real / "lite.db"
+    else:
+        (tmp_path / "current").symlink_to(tmp_path / "releases" / "1")
+    cur = lite_db.cursor(str(path))
+    lite_counters.ensure_counters(cur)
+    lite_db.write(cur, lambda c: c.execute("INSERT INTO counters VALUES ('hits', 0, 0)"))
+    lite_counters.increment(cur, "hits")
+    lite_counters.increment(cur, "hits")  # looks that found every file in place
+    shutil.copytree(tmp_path / "releases" / "1", tmp_path / "releases" / "2")
+    if how == "renamed":
+        os.rename(tmp_path / "releases" / "1", tmp_path / "releases" / "old")
+        os.rename(tmp_path / "releases" / "2", tmp_path / "releases" / "1")
+    else:
+        (tmp_path / "next").symlink_to(tmp_path / "releases" / "2")
+        os.replace(tmp_path / "next", tmp_path / "current")
+    with pytest.raises(lite_db.Unavailable, match=r"replaced by another file|removed"):
+        lite_counters.increment(cur, "hits")
+
+
 @pytest.mark.root
 def test_a_file_mounted_over_the_database_after_the_directory_settled_is_refused(
     db_path, counting, tmp_path
 ):
     other = tmp_path / "other.db"
     shutil.copy(db_path, other)
-    time.sleep(lite_db.DIRECTORY_SETTLE_S + 0.2)  # the directory left alone
+    time.sleep(1.2)  # the directory left alone since the last look
     lite_counters.increment(counting, "hits")  # 6
     lite_counters.increment(counting, "hits")  # 7: the directory alone is looked at
     subprocess.run(["mount", "--bind", str(other), db_path], check=True)  # the directory unchanged

@@ -70,3 +70,24 @@ def test_the_benchmark_runs_and_lite_loses_nothing(tmp_path):
     assert all(row["exact"] for row in report["sqlite_alone"])
     assert (tmp_path / "results.png").stat().st_size > 0
     assert "| lite | wrk | POST /lite/inc |" in (tmp_path / "results.md").read_text()
+
+
+def test_the_sizing_grid_runs_and_lite_loses_nothing(tmp_path):
+    if os.geteuid() != 0:
+        pytest.fail("the benchmark runs as root (run it through ./test.sh)")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    args = ["--seconds", "1", "--rounds", "1", "--sizes", "2x4", "--port", str(port)]
+    subprocess.run(
+        [sys.executable, os.path.join(ROOT, "bench", "sizing.py"), *args, "--out", str(tmp_path)],
+        check=True,
+        timeout=600,
+        stdin=subprocess.DEVNULL,
+    )
+    report = json.loads((tmp_path / "sizing.json").read_text())
+    rows = {(r["processes"], r["threads"], r["route"]): r for r in report["summary"]}
+    assert set(rows) == {(p, t, route) for p, t in ((2, 4), (20, 1)) for route in ("get", "inc")}
+    for row in rows.values():
+        assert row["req_per_s"] > 0 and row["non_2xx"] == 0 and row["lost"] == 0, row
+    assert "| 2 x 4 | POST /lite/inc |" in (tmp_path / "sizing.md").read_text()

@@ -32,8 +32,8 @@ from typing import Any
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # What --without switches off, and how: (module, attribute, replacement).
 PARTS = {
-    "metrics": "counting in prometheus_client's values: db events and requests",
-    "config": "the config check's stat of config.ini",
+    "metrics": "requests and db events, queued and published",
+    "config": "the config check on each request",
     "files": "the file identity checks around each write",
     "checkpoint": "the once-a-second checkpoint after a write",
 }

@@ -1136,8 +1136,10 @@ class ChangeWatch:
         ready = self.poller.poll(0)
         if ready:
             self._take(ready)
-        if name in self.unwatched:
-            self._add_watches(name)  # before the caller's look, so that nothing falls between
+        if (name in self.changes or name in self.unwatched) and name in self.paths:
+            # Watch what the paths name now (a file renamed over one watched is
+            # another inode), before the caller's look, so that nothing falls between.
+            self._add_watches(name)
         return name in self.changes or name not in self.paths
 
     def watches(self, name: str) -> bool:

@@ -72,6 +72,26 @@ def test_an_unchanged_file_costs_no_stat_and_a_change_is_seen_at_once(
     assert watcher.refresh(cur) == "unchanged"
 
 
+def test_a_file_renamed_over_the_config_is_watched_in_its_turn(cur, other, config_path, watcher):
+    """After a rename over config.ini, a change in place of the new file is seen too,
+    even while the old one is still open (its watch then ends only when it is closed)."""
+    assert watcher.refresh(cur) == "applied"
+    with open(config_path) as held:  # the old file stays open
+        new = config_path.with_name("config.ini.new")
+        write_config(new, CONFIG.replace("hits = 0", "hits = 5"), age_s=30)
+        os.replace(new, config_path)
+        assert watcher.refresh(cur) == "applied"
+        assert watcher.refresh(cur) == "unchanged"
+        with open(config_path, "r+") as f:  # the new file, changed in place
+            text = f.read()
+            f.seek(0)
+            f.write(text.replace("hits = 5", "hits = 6"))
+        settle(config_path, age_s=20)
+        assert watcher.refresh(cur) == "applied"
+        assert held.read() == CONFIG
+    assert counters(other)["hits"] == 6
+
+
 def test_a_version_applied_by_another_process_is_not_applied_again(
     cur, other, config_path, watcher
 ):

@@ -31,6 +31,19 @@ def write_config(path, text, age_s=60.0):
     settle(path, age_s)
 
 
+def record_stats(monkeypatch):
+    """Make os.stat record the path of each call; the list it fills (monkeypatch.undo ends it)."""
+    looked = []
+    stat = os.stat
+
+    def recorded(path, *args, **kwargs):
+        looked.append(os.fspath(path))
+        return stat(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "stat", recorded)
+    return looked
+
+
 def settle(path, age_s=60.0):
     then = time.time_ns() - int(age_s * 1e9)
     os.utime(path, ns=(then, then))

@@ -18,20 +18,26 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 pytestmark = [pytest.mark.apache, pytest.mark.postgres, pytest.mark.slow]
 
 
-def test_the_benchmark_runs_and_lite_loses_nothing(tmp_path):
+def run_bench(script, args, out):
+    """bench/`script` with `args` on a free port of 127.0.0.1, its results into `out`."""
     if os.geteuid() != 0:
         pytest.fail("the benchmark runs as root (run it through ./test.sh)")
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    args = ["--seconds", "1", "--rounds", "1", "--siege-requests", "3", "--port", str(port)]
-    args += ["--baseline", "HEAD"]  # lite as committed, served as lite-prev beside lite
+    argv = [sys.executable, os.path.join(ROOT, "bench", script), *args]
     subprocess.run(
-        [sys.executable, os.path.join(ROOT, "bench", "run.py"), *args, "--out", str(tmp_path)],
+        [*argv, "--port", str(port), "--out", str(out)],
         check=True,
         timeout=600,
         stdin=subprocess.DEVNULL,
     )
+
+
+def test_the_benchmark_runs_and_lite_loses_nothing(tmp_path):
+    args = ["--seconds", "1", "--rounds", "1", "--siege-requests", "3"]
+    args += ["--baseline", "HEAD"]  # lite as committed, served as lite-prev beside lite
+    run_bench("run.py", args, tmp_path)
     report = json.loads((tmp_path / "results.json").read_text())
     assert set(report["summary"]) == {
         "hello",
@@ -73,18 +79,7 @@ def test_the_benchmark_runs_and_lite_loses_nothing(tmp_path):
 
 
 def test_the_sizing_grid_runs_and_lite_loses_nothing(tmp_path):
-    if os.geteuid() != 0:
-        pytest.fail("the benchmark runs as root (run it through ./test.sh)")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    args = ["--seconds", "1", "--rounds", "1", "--sizes", "2x4", "--port", str(port)]
-    subprocess.run(
-        [sys.executable, os.path.join(ROOT, "bench", "sizing.py"), *args, "--out", str(tmp_path)],
-        check=True,
-        timeout=600,
-        stdin=subprocess.DEVNULL,
-    )
+    run_bench("sizing.py", ["--seconds", "1", "--rounds", "1", "--sizes", "2x4"], tmp_path)
     report = json.loads((tmp_path / "sizing.json").read_text())
     rows = {(r["processes"], r["threads"], r["route"]): r for r in report["summary"]}
     assert set(rows) == {(p, t, route) for p, t in ((2, 4), (20, 1)) for route in ("get", "inc")}

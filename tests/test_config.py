@@ -7,7 +7,7 @@ import threading
 import time
 
 import pytest
-from conftest import CONFIG, settle, write_config
+from conftest import CONFIG, record_stats, settle, write_config
 
 import lite_config
 import lite_db
@@ -44,14 +44,7 @@ def test_an_unchanged_file_costs_no_stat_and_a_change_is_seen_at_once(
 ):
     """The connection's ChangeWatch answers for the file: no stat until it changes."""
     assert watcher.refresh(cur) == "applied"
-    looked = []
-    stat = os.stat
-
-    def counted_stat(path, *args, **kwargs):
-        looked.append(os.fspath(path))
-        return stat(path, *args, **kwargs)
-
-    monkeypatch.setattr(os, "stat", counted_stat)
+    looked = record_stats(monkeypatch)
     assert [watcher.refresh(cur) for _ in range(3)] == ["unchanged"] * 3
     assert looked == []
     monkeypatch.undo()

@@ -12,6 +12,7 @@ import time
 
 import procs
 import pytest
+from conftest import record_stats
 
 import lite_counters
 import lite_db
@@ -150,14 +151,7 @@ def test_a_change_after_looks_without_a_stat_is_refused_as_at_once(
 ):
     time.sleep(1.2)  # the directory left alone since the last look
     lite_counters.increment(counting, "hits")  # 6: a look file by file finds all in place
-    looked = []
-    stat = os.stat
-
-    def counted_stat(path, *args, **kwargs):
-        looked.append(os.fspath(path))
-        return stat(path, *args, **kwargs)
-
-    monkeypatch.setattr(os, "stat", counted_stat)
+    looked = record_stats(monkeypatch)
     lite_counters.increment(counting, "hits")  # 7
     monkeypatch.undo()
     assert looked == []  # before and after the write: the ChangeWatch answered, no stat

@@ -2,8 +2,11 @@
 
 Contract:
 - A `ConfigWatcher(config_path)` keeps what its process last saw of the file;
-  its `refresh(cur)` is called on every request. When the file looks as it
-  did last time (same mtime, size and inode), it costs one `os.stat`.
+  its `refresh(cur)` is called on every request. While the connection's
+  ChangeWatch has seen no event on the file or a directory above it, that
+  costs one `poll` and no `stat`; after one (or with no ChangeWatch), one
+  `os.stat`, and a file that looks as it did last time (same mtime, size
+  and inode) is unchanged.
 - A change is any difference of mtime (compared with `!=`), size or content
   hash, so a plain `touch` counts. On a change, the process takes the write
   lock, compares the file's fingerprint with the one stored in the database

@@ -248,7 +248,7 @@ def _write_file(path: str, slots: dict[str, list[float]]) -> None:
     os.close(fd)
 
 
-# ---- This process's values: in memory, written through to its files ----
+# ---- This process's values: in memory, written to its files ----
 
 
 class _File:
@@ -787,7 +787,9 @@ class Metrics:
         ] = {}
         # Counts not yet published, in the order they happened: a deque's
         # append and popleft are safe from any thread without a lock.
-        self.pending_requests: collections.deque[tuple[str, str, int, float]] = collections.deque()
+        self.pending_requests: collections.deque[tuple[tuple[str, str, int], float]] = (
+            collections.deque()
+        )
         self.pending_events: collections.deque[tuple[str, float]] = collections.deque()
         self.publishing = threading.Lock()
         self._start_publisher()

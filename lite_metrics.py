@@ -254,10 +254,11 @@ def _write_file(path: str, slots: dict[str, list[float]]) -> None:
 class _File:
     """One file of this process's values (one per kind: counter_PID.db, ...).
 
-    `image` is the file as it should be, every value in it: the truth. A
-    change is written through (the bytes that changed, one pwrite) while
-    `ok`; a failed write clears `ok` and the store writes the file whole
-    again later. Without a path (no directory) the image is all there is.
+    `image` is the file as it should be, every value in it: the truth. It
+    is written with pwrite while `ok` (a value's bytes at each inc or set;
+    the entries in place at each publish); a failed write clears `ok` and
+    the store writes the file whole again later. Without a path (no
+    directory) the image is all there is.
     """
 
     def __init__(self, store: "_Store", path: str | None) -> None:

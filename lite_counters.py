@@ -54,8 +54,9 @@ MAX_BY = 1_000_000  # largest step one request may ask for
 RETRY_AFTER_S = 1  # 1 s: what a 503 asks the client to wait (Retry-After)
 UNAVAILABLE_TEXT = "database busy, retry later"  # a 503's text; lite_db's reason is for logs
 OUTCOME_UNKNOWN_TEXT = (
-    "outcome unknown: the database connection was lost while committing;"
-    " read the value back, or repeat the request with the same Idempotency-Key"
+    "outcome unknown: the commit was not confirmed (the connection was lost,"
+    " or the disk did not confirm it); read the value back, or repeat the"
+    " request with the same Idempotency-Key"
 )
 COUNTER_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}\Z")
 _STEP = re.compile(r"[1-9][0-9]{0,6}\Z")

@@ -14,6 +14,8 @@ Contents (each a banner section below, public API first):
   connection          connections lite does not open (lite_django's)
   Files               refusal, database_files: the files still the ones held
   Write queue         WriteQueue: a first-come, first-served line for the lock
+  Group commit        GroupCommit: a commit acknowledged once on disk, one
+                      flush for many (LITE_SYNCHRONOUS=GROUP)
   Internals           opening, checkpoints, failures, column names
 
 Contract:
@@ -30,6 +32,8 @@ Contract:
 - Every new connection gets WAL, `synchronous` (NORMAL, or FULL through
   `LITE_SYNCHRONOUS=FULL`), a busy timeout, foreign keys and a journal size
   limit; `isolation_level=None`, so every transaction here is explicit.
+  `LITE_SYNCHRONOUS=GROUP`: commits under NORMAL, each write returning once
+  a flush of the WAL shared with the commits beside it has finished.
 - Writes run in `BEGIN IMMEDIATE` transactions, or as one statement that is
   its own transaction: the write lock is taken before anything is read, so
   a transaction never reads a snapshot it then cannot write from
@@ -101,6 +105,7 @@ __all__ = [
     "Engine",
     "Features",
     "Figures",
+    "GroupCommit",
     "OutcomeUnknown",
     "Registry",
     "SQLiteEngine",
@@ -149,7 +154,7 @@ QUEUE_SUFFIX = "-queue"  # the write queue's file, beside the database
 REFUSED_SUFFIX = "-refused"  # present: the database was removed or replaced while in use
 SIDECAR_SUFFIXES = (QUEUE_SUFFIX, REFUSED_SUFFIX)  # lite's own files beside the database
 QUEUE_SLOTS = 4096  # tickets in the write queue's ring; a wrapped-over slot skips the queue
-SYNCHRONOUS_MODES = ("NORMAL", "FULL")
+SYNCHRONOUS_MODES = ("NORMAL", "FULL", "GROUP")
 SQLITE_NEEDED = (3, 37, 0)  # RETURNING came in 3.35, STRICT tables in 3.37
 SQLITE_CONSTRAINT_DATATYPE = 3091  # a STRICT column refused a value of another type
 # Primary result codes that mean "the database cannot be reached now".
@@ -199,6 +204,13 @@ _FLOCK = struct.Struct("=hh4xqqi4x")
 # one lock byte per slot from byte _QUEUE_FIRST_SLOT.
 _QUEUE_TICKET = struct.Struct("=Q")
 _QUEUE_FIRST_SLOT = 4096
+# Group commit's place in the same file: the numbers of commits taken and
+# of the last flushed (8 bytes each, from byte 8), locked together, and the
+# flush lock's byte, held by the one connection flushing.
+_GROUP_COUNTER = struct.Struct("=Q")
+_GROUP_COUNTERS = struct.Struct("=QQ")
+_GROUP_COUNTERS_RANGE = (8, _GROUP_COUNTERS.size)
+_GROUP_FLUSH_LOCK = 24
 _SYNCHRONOUS_NAMES = {0: "OFF", 1: "NORMAL", 2: "FULL", 3: "EXTRA"}
 
 log = logging.getLogger(__name__)
@@ -227,9 +239,11 @@ class Unavailable(Exception):
 class OutcomeUnknown(Exception):
     """The connection was lost after COMMIT was sent: the write may or may not be in.
 
-    Raised by engines reached over a network (lite_pg), never by SQLite;
-    never retried. Already logged and counted. A client tells by reading
-    back, or by repeating the request with the same Idempotency-Key.
+    Raised by engines reached over a network (lite_pg), and with group
+    commit when the flush after a commit fails or does not finish in time
+    (the write is in, but may not survive a power cut); never retried.
+    Already logged and counted. A client tells by reading back, or by
+    repeating the request with the same Idempotency-Key.
     """
 
 
@@ -377,6 +391,9 @@ class SQLiteEngine(Engine):
             _refuse(conn, changed, wrote_since=True)
         else:
             _checkpoint_now_and_then(conn)
+        # 6. With group commit, acknowledged only once on disk.
+        if conn.group_commit is not None:
+            conn.group_commit.wait(time.monotonic() + LOCK_BUDGET_MS / 1000)
         return result
 
     def query(self, cur: sqlite3.Cursor, sql: str, params: Sequence[Any]) -> list[sqlite3.Row]:
@@ -601,6 +618,7 @@ class Figures:
     write_lock_wait_s: float = 0.0
     checkpoints: int = 0
     wal_restarts: int = 0
+    flushes: int = 0
     last_checkpoint_at: float | None = None
 
     def add(self, other: Figures) -> None:
@@ -641,9 +659,12 @@ class Connection(sqlite3.Connection):
         # Why its -wal or -shm is not the one the other processes use; None if it is.
         self.split: str | None = None
         self.queue = WriteQueue(_file_of(path))  # its file opened at the first transaction
+        self.group_commit: GroupCommit | None = None  # with LITE_SYNCHRONOUS=GROUP
 
     def close(self) -> None:
         self.queue.close()
+        if self.group_commit is not None:
+            self.group_commit.close()
         self.watch.close()
         super().close()
 
@@ -952,18 +973,27 @@ def upsert(cur: sqlite3.Cursor, table: str, row: dict[str, Any]) -> bool:
 # ---- Any sqlite3 connection: lite's settings and waits ----------------------
 
 
-def apply_pragmas(conn: sqlite3.Connection, figures: Figures, wal_autocheckpoint: int = 0) -> None:
+def apply_pragmas(
+    conn: sqlite3.Connection,
+    figures: Figures,
+    wal_autocheckpoint: int = 0,
+    group_commit: bool = False,
+) -> None:
     """Give a new connection lite's settings: WAL, synchronous, foreign keys, busy timeout.
 
     Also a journal size limit and `wal_autocheckpoint` (pages; 0: none, for
     connections whose writes go through lite's write path, which
     checkpoints). Run on the connection itself, for any sqlite3 connection
-    (lite_django's too). Raises sqlite3.Error, ValueError for a bad
+    (lite_django's too). With LITE_SYNCHRONOUS=GROUP, synchronous is NORMAL
+    where the caller waits for each commit's flush (`group_commit`: lite's
+    write path) and FULL elsewhere, so that a commit is on disk when it
+    returns either way. Raises sqlite3.Error, ValueError for a bad
     LITE_SYNCHRONOUS.
     """
+    mode = _synchronous()
     settings = {
         **PRAGMAS,
-        "synchronous": _synchronous(),
+        "synchronous": {"GROUP": "NORMAL" if group_commit else "FULL"}.get(mode, mode),
         "wal_autocheckpoint": int(wal_autocheckpoint),
     }
     conn.execute(f"PRAGMA busy_timeout = {settings.pop('busy_timeout')}")
@@ -1467,11 +1497,9 @@ class WriteQueue:
 
     def enter(self, deadline: float) -> bool:
         """Take a ticket and wait, until `deadline` at most, for the one before; True if queued."""
-        if self.off:
+        if self.opened() is None:
             return False
         try:
-            if self.fd is None:
-                self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
             ticket = self._take_ticket()
         except OSError as exc:
             log.warning("write queue %s is off: %s", self.path, exc)
@@ -1480,8 +1508,18 @@ class WriteQueue:
         if ticket is None:
             return False  # the ring wrapped onto a slot still held
         if ticket > 0:
-            self._wait_for(_QUEUE_FIRST_SLOT + (ticket - 1) % QUEUE_SLOTS, deadline)
+            self.wait_unlocked(_QUEUE_FIRST_SLOT + (ticket - 1) % QUEUE_SLOTS, deadline)
         return True
+
+    def opened(self) -> int | None:
+        """The queue file's descriptor, opened at the first call; None if the queue is off."""
+        if self.fd is None and not self.off:
+            try:
+                self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            except OSError as exc:
+                log.warning("write queue %s is off: %s", self.path, exc)
+                self.off = True
+        return self.fd
 
     def leave(self) -> None:
         """Let the next ticket go (after COMMIT or ROLLBACK)."""
@@ -1519,8 +1557,8 @@ class WriteQueue:
         self.slot = slot
         return ticket
 
-    def _wait_for(self, slot: int, deadline: float) -> None:
-        """Until the holder of `slot` leaves (or dies), or `deadline`.
+    def wait_unlocked(self, slot: int, deadline: float) -> None:
+        """Until the holder of the lock on byte `slot` lets go (or dies), or `deadline`.
 
         A lock wait cannot time out, so this connection's helper thread
         waits (on a duplicate of the descriptor: the same owner, and safe
@@ -1564,6 +1602,142 @@ def _wait_in_line(waits: queue.SimpleQueue[tuple[int, int, threading.Lock] | Non
 
 def _ofd_lock(fd: int, command: int, lock_type: int, start: int, length: int = 1) -> None:
     fcntl.fcntl(fd, command, _FLOCK.pack(lock_type, os.SEEK_SET, start, length, 0))
+
+
+# ---- Group commit -----------------------------------------------------------
+
+
+class GroupCommit:
+    """A commit acknowledged only once on disk, one flush serving every commit before it.
+
+    With LITE_SYNCHRONOUS=GROUP, SQLite commits under synchronous=NORMAL:
+    nothing is flushed while the write lock is held. After its COMMIT, a
+    writer calls `wait(deadline)`, which returns once a flush of the -wal
+    that began after that COMMIT returned has finished. The processes and
+    threads of a database share the count through the write queue's file
+    (a connection's own descriptor and OFD locks, as the queue's):
+
+    - each commit takes a number (`committed` + 1) under a short lock;
+    - one connection at a time flushes, holding the flush lock: it reads the
+      highest number taken, fdatasyncs the -wal and records that number as
+      `flushed`;
+    - a commit whose number is already flushed returns at once; one that
+      finds a flush under way waits, asleep, for it to end: it is covered by
+      that one, or it starts the next, for every commit numbered since.
+
+    Why a flush of the -wal is enough, checkpoints and WAL resets included:
+    docs/how-it-works.md. Raises OutcomeUnknown (counted) when the flush
+    fails or has not finished by the deadline: the commit is in the
+    database but not known to be on disk. A flush that fails also refuses
+    the database's writes in every process, as a replaced file does: after
+    a failed writeback the kernel may have dropped pages the -wal needs.
+    Where the queue is off (no OFD locks), each commit flushes alone.
+    """
+
+    def __init__(self, conn: Connection) -> None:
+        self.conn = conn
+        self.path = _file_of(conn.path)
+        self.wal_fd: int | None = None  # the -wal, held from the first flush
+
+    def wait(self, deadline: float) -> None:
+        """Return once this connection's last commit is on disk; raise OutcomeUnknown if not."""
+        fd = self.conn.queue.opened()
+        try:
+            if fd is None:
+                self._flush()
+                return
+            number = self._take_number(fd)
+            while True:
+                try:
+                    _ofd_lock(fd, fcntl.F_OFD_SETLK, fcntl.F_WRLCK, _GROUP_FLUSH_LOCK)
+                except BlockingIOError:
+                    pass
+                else:
+                    try:
+                        committed, flushed = self._counters(fd)
+                        if flushed < number:
+                            self._flush()
+                            self._record_flushed(fd, committed)
+                    finally:
+                        _ofd_lock(fd, fcntl.F_OFD_SETLK, fcntl.F_UNLCK, _GROUP_FLUSH_LOCK)
+                    return
+                if time.monotonic() >= deadline:
+                    raise TimeoutError("no flush of the WAL finished in time")
+                self.conn.queue.wait_unlocked(_GROUP_FLUSH_LOCK, deadline)
+                if self._counters(fd)[1] >= number:
+                    return
+        except OSError as exc:
+            count(self.conn.figures, "write_failures")
+            log.error("commit to %s not known to be on disk: %s", self.path, exc)
+            raise OutcomeUnknown(f"commit not known to be on disk: {exc}") from exc
+
+    def _take_number(self, fd: int) -> int:
+        _ofd_lock(fd, fcntl.F_OFD_SETLKW, fcntl.F_WRLCK, *_GROUP_COUNTERS_RANGE)
+        try:
+            committed = self._read(fd)[0]
+            os.pwrite(fd, _GROUP_COUNTER.pack(committed + 1), _GROUP_COUNTERS_RANGE[0])
+        finally:
+            _ofd_lock(fd, fcntl.F_OFD_SETLK, fcntl.F_UNLCK, *_GROUP_COUNTERS_RANGE)
+        return committed + 1
+
+    def _counters(self, fd: int) -> tuple[int, int]:
+        """(committed, flushed), read under the short lock."""
+        _ofd_lock(fd, fcntl.F_OFD_SETLKW, fcntl.F_RDLCK, *_GROUP_COUNTERS_RANGE)
+        try:
+            return self._read(fd)
+        finally:
+            _ofd_lock(fd, fcntl.F_OFD_SETLK, fcntl.F_UNLCK, *_GROUP_COUNTERS_RANGE)
+
+    def _read(self, fd: int) -> tuple[int, int]:
+        raw = os.pread(fd, _GROUP_COUNTERS.size, _GROUP_COUNTERS_RANGE[0])
+        return _GROUP_COUNTERS.unpack(raw) if len(raw) == _GROUP_COUNTERS.size else (0, 0)
+
+    def _record_flushed(self, fd: int, number: int) -> None:
+        _ofd_lock(fd, fcntl.F_OFD_SETLKW, fcntl.F_WRLCK, *_GROUP_COUNTERS_RANGE)
+        try:
+            at = _GROUP_COUNTERS_RANGE[0] + _GROUP_COUNTER.size
+            os.pwrite(fd, _GROUP_COUNTER.pack(number), at)
+        finally:
+            _ofd_lock(fd, fcntl.F_OFD_SETLK, fcntl.F_UNLCK, *_GROUP_COUNTERS_RANGE)
+
+    def _flush(self) -> None:
+        """fdatasync the -wal; raises OSError, after refusing the database's writes.
+
+        Through a descriptor held from the first flush: a failed writeback
+        is reported to every descriptor open before it, even once another
+        process has seen it, but not to one opened after that. If its file
+        has been unlinked since (the last connection closed, deleting it,
+        and a new one made another), the file the name holds now is flushed
+        too, and held from then on. No -wal at all: the last connection
+        checkpointed every commit into the database as it closed; the
+        database file is flushed.
+        """
+        try:
+            if self.wal_fd is not None:
+                os.fdatasync(self.wal_fd)
+                if os.fstat(self.wal_fd).st_nlink > 0:
+                    count(self.conn.figures, "flushes")
+                    return
+                os.close(self.wal_fd)
+                self.wal_fd = None
+            try:
+                self.wal_fd = os.open(self.path + "-wal", os.O_RDONLY | os.O_CLOEXEC)
+                os.fdatasync(self.wal_fd)
+            except FileNotFoundError:
+                fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+                try:
+                    os.fdatasync(fd)
+                finally:
+                    os.close(fd)
+        except OSError as exc:
+            _refuse(self.conn, f"a flush of the WAL failed: {exc}", wrote_since=True)
+            raise
+        count(self.conn.figures, "flushes")
+
+    def close(self) -> None:
+        if self.wal_fd is not None:
+            os.close(self.wal_fd)
+            self.wal_fd = None
 
 
 # ---- Internals: opening, reads, checkpoints, failures, columns --------------
@@ -1611,7 +1785,9 @@ def _open(path: str, create: bool) -> Connection:
         # commit once the WAL passes 1000 pages: while readers keep a
         # checkpoint from finishing, SQLite would retry it (and fsync) on
         # every commit.
-        apply_pragmas(conn, conn.figures, wal_autocheckpoint=0)
+        apply_pragmas(conn, conn.figures, wal_autocheckpoint=0, group_commit=True)
+        if _synchronous() == "GROUP":
+            conn.group_commit = GroupCommit(conn)
         # A first read: SQLite opens the -wal and -shm files now, so that
         # the files this connection holds can be looked at.
         conn.execute("PRAGMA schema_version").fetchone()

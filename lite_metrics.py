@@ -86,6 +86,7 @@ DB_EVENTS = {
     "busy_retries": ("lite_db_busy_retries", "Times a statement found the database busy."),
     "checkpoints": ("lite_db_checkpoints", "WAL checkpoints run."),
     "wal_restarts": ("lite_db_wal_restarts", "Checkpoints after which the WAL starts over."),
+    "flushes": ("lite_db_flushes", "Flushes of the WAL made for group commit."),
     "config_applied": ("lite_config_versions_applied", "config.ini versions applied."),
     "config_rejected": ("lite_config_versions_rejected", "config.ini versions not applied."),
 }

@@ -5,6 +5,7 @@ SQLite connections or its SQLite locking state (which fork would copy).
 """
 
 import multiprocessing
+import os
 import queue
 import time
 
@@ -141,3 +142,33 @@ def write_in_turn(db_path, ready, delay_s, hold_s, budget_ms=None):
         return lite_db.write(cur, work)
     except lite_db.Unavailable:
         return None
+
+
+def increment_and_record_flushes(db_path, ready, writes, flush_delay_s):
+    """`writes` increments through lite_db with group commit, each flush taking `flush_delay_s`.
+
+    Returns (values acknowledged, [(start, end) of each flush this process
+    made], [(commit returned, acknowledged) of each write]), in
+    time.monotonic() seconds: one clock for every process of the machine.
+    """
+    os.environ["LITE_SYNCHRONOUS"] = "GROUP"
+    flushes, waits = [], []
+    fdatasync, wait = os.fdatasync, lite_db.GroupCommit.wait
+
+    def slow_fdatasync(fd):
+        began = time.monotonic()
+        fdatasync(fd)
+        time.sleep(flush_delay_s)
+        flushes.append((began, time.monotonic()))
+
+    def recorded_wait(self, deadline):
+        began = time.monotonic()
+        wait(self, deadline)
+        waits.append((began, time.monotonic()))
+
+    os.fdatasync = slow_fdatasync
+    lite_db.GroupCommit.wait = recorded_wait
+    cur = lite_db.cursor(db_path)
+    ready.wait(60)
+    values = [lite_counters.increment(cur, "hits", 1)[1] for _ in range(writes)]
+    return values, flushes, waits

@@ -11,6 +11,8 @@ the same lite.conf (processes=20 threads=1; FastAPI, being ASGI, under uvicorn):
               statement, no checks, no retries): SQLite's own cost here
 - lite        lite_app.py, synchronous=NORMAL
 - minimal-full  and lite-full: the same two with synchronous=FULL
+- lite-group  lite_app.py with group commit (LITE_SYNCHRONOUS=GROUP): each
+              increment acknowledged once on disk, one flush for many
 - naive       bench/naive_app.py: a connection per request, SELECT then UPDATE
 - lite-prev   with --baseline REV: lite as it was at git revision REV (its own
               database), to compare a change with what it replaces
@@ -31,6 +33,13 @@ the same lite.conf (processes=20 threads=1; FastAPI, being ASGI, under uvicorn):
 - flask-sqla-lite  the same app on lite's dialect (sqlite+lite://)
 
 `--apps` picks some of them (hello is always measured: every ratio needs it).
+`--flush-delays 1,5` also serves each app but hello on a slower disk: every
+fsync and fdatasync of Apache and its daemons then takes that many
+milliseconds more (bench/slow_flush.c, built here and given by LD_PRELOAD);
+those rows are named app@1ms, app@5ms. For lite-group, each delay's row also
+gives the closed-loop bound: CONNECTIONS clients, each waiting for its flush,
+cannot exceed CONNECTIONS / (lite's mean latency at that delay + one flush),
+one flush being the delay plus this disk's own fdatasync, measured here.
 
 The four SQLAlchemy apps each have their own database file in the scratch
 home, and a small entry script that sets LITE_DATABASE_URL and registers
@@ -87,6 +96,7 @@ APPS = [
     ("lite", "lite_app.py", "NORMAL"),
     ("minimal-full", "minimal_app.py", "FULL"),
     ("lite-full", "lite_app.py", "FULL"),
+    ("lite-group", "lite_app.py", "GROUP"),
     ("naive", "naive_app.py", "NORMAL"),
     ("lite-prev", "lite_prev_app.py", "NORMAL"),
     ("django", "django_stock_wsgi.py", "NORMAL"),
@@ -101,6 +111,7 @@ APPS = [
 COMPARED = {
     "lite": ("minimal", "lite-prev"),
     "lite-full": ("minimal-full",),
+    "lite-group": ("lite", "lite-full"),
     "django-lite": ("django",),
     "lite-pg": ("lite",),
     "fastapi-lite": ("fastapi",),
@@ -227,11 +238,45 @@ def settled_counter(base: str) -> int:
     return value
 
 
-def wrk(url: str, seconds: float, post: bool) -> dict:
+def server_pids(home: str) -> list[int]:
+    """The private Apache's parent (its PidFile) and every process it started."""
+    with open(os.path.join(home, "apache", "run", "httpd.pid")) as f:
+        parent = int(f.read())
+    pids = [parent]
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            with contextlib.suppress(OSError), open(f"/proc/{entry}/stat") as f:
+                if int(f.read().rsplit(")", 1)[1].split()[1]) == parent:
+                    pids.append(int(entry))
+    return pids
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    """User + system CPU time the processes `pids` have used so far (those gone count 0)."""
+    ticks = 0
+    for pid in pids:
+        with contextlib.suppress(OSError), open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+            ticks += int(fields[11]) + int(fields[12])  # utime, stime
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def machine_busy_seconds() -> float:
+    """CPU time every core of the machine has spent not idle (nor waiting for I/O)."""
+    with open("/proc/stat") as f:
+        fields = [int(x) for x in f.readline().split()[1:]]
+    return (sum(fields[:8]) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")
+
+
+def wrk(url: str, seconds: float, post: bool, server_home: str | None = None) -> dict:
+    """One wrk run. With `server_home` (a private Apache's LITE_HOME), also the
+    CPU time per request of that server's processes and of the whole machine."""
     env = dict(os.environ)
     env.pop("WRK_BODY", None)
     if post:
         env["WRK_BODY"] = POST_BODY
+    pids = server_pids(server_home) if server_home else []
+    cpu_before, busy_before = cpu_seconds(pids), machine_busy_seconds()
     out = run(
         [
             "wrk",
@@ -252,7 +297,12 @@ def wrk(url: str, seconds: float, post: bool) -> dict:
     p50, p99 = map(int, re.search(r"LATENCY p50=(\d+) p99=(\d+)", out).groups())
     errors = sum(int(n) for n in re.findall(r"=(\d+)", re.search(r"ERRORS (.*)", out).group(1)))
     ok = sum(n for status, n in statuses.items() if 200 <= status < 300)
-    return {
+    answered = max(1, sum(statuses.values()))
+    cpu = {}
+    if pids:
+        cpu["server_cpu_us"] = round((cpu_seconds(pids) - cpu_before) * 1e6 / answered, 1)
+        cpu["machine_cpu_us"] = round((machine_busy_seconds() - busy_before) * 1e6 / answered, 1)
+    return cpu | {
         "req_per_s": float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1)),
         "ok": ok,
         "non_2xx": sum(statuses.values()) - ok,
@@ -337,17 +387,20 @@ def warm_up(url: str) -> None:
     print(f"bench: warmed up in {elapsed} s", file=sys.stderr)
 
 
-def drive(base: str, seconds: float, rc: str, siege_requests: int, counts: bool) -> dict:
+def drive(
+    base: str, seconds: float, rc: str, siege_requests: int, counts: bool, server_home: str | None
+) -> dict:
     """Every measurement of one served app: wrk and siege, GET and POST.
 
     `counts`: the app keeps a counter, so acknowledged increments can be
-    checked against it.
+    checked against it. `server_home`: the app runs under the private Apache
+    of that LITE_HOME, whose CPU time per request wrk's runs then report.
     """
     url_get, url_inc = f"{base}/lite/get?counter=hits", f"{base}/lite/inc"
     warm_up(url_get)
-    result = {"wrk_get": wrk(url_get, seconds, post=False)}
+    result = {"wrk_get": wrk(url_get, seconds, post=False, server_home=server_home)}
     before = counter(base)
-    result["wrk_inc"] = wrk(url_inc, seconds, post=True)
+    result["wrk_inc"] = wrk(url_inc, seconds, post=True, server_home=server_home)
     result["wrk_inc"]["delta"] = settled_counter(base) - before
     result["siege_get"] = siege(url_get, siege_requests, post=False, rc=rc)
     before = counter(base)
@@ -634,6 +687,69 @@ def serve(env: dict, script: str, synchronous: str, action: str) -> None:
     )
 
 
+def build_slow_flush(home: str) -> str:
+    """bench/slow_flush.c built into `home`; the shared object's path."""
+    library = os.path.join(home, "slow_flush.so")
+    source = os.path.join(HERE, "slow_flush.c")
+    run(["gcc", "-O2", "-Wall", "-shared", "-fPIC", "-o", library, source, "-ldl"])
+    os.chmod(library, 0o755)
+    return library
+
+
+def slower_disk(env: dict, library: str, delay_ms: float) -> dict:
+    """`env` with every flush `delay_ms` slower (none for 0)."""
+    if not delay_ms:
+        return env
+    return {**env, "LD_PRELOAD": library, "SLOW_FLUSH_MS": str(delay_ms)}
+
+
+def flush_seconds(directory: str, times: int = 50) -> float:
+    """This disk's median fdatasync of a small file just written, in seconds."""
+    path = os.path.join(directory, "flush-probe")
+    spent = []
+    with open(path, "wb") as f:
+        for _ in range(times):
+            f.write(b"x" * 4096)
+            f.flush()
+            began = time.perf_counter()
+            os.fdatasync(f.fileno())
+            spent.append(time.perf_counter() - began)
+    os.unlink(path)
+    return statistics.median(spent)
+
+
+def row_name(app: str, delay_ms: float) -> str:
+    return f"{app}@{delay_ms:g}ms" if delay_ms else app
+
+
+def compared_to(name: str) -> tuple[str, ...]:
+    """The rows `name` is compared with, at the same flush delay."""
+    app, at, delay = name.partition("@")
+    return tuple(other + at + delay for other in COMPARED.get(app, ()))
+
+
+def closed_loop_bounds(summary: dict, flush_s: float) -> dict:
+    """For each lite-group row: the most a closed loop of CONNECTIONS could do, and the share done.
+
+    CONNECTIONS / (lite's mean latency at that delay, CONNECTIONS / its
+    req/s, + one flush: the delay and this disk's fdatasync), for wrk's POST.
+    """
+    bounds = {}
+    for name, figures in summary.items():
+        app, _, delay = name.partition("@")
+        normal = summary.get(name.replace("lite-group", "lite", 1))
+        if app != "lite-group" or normal is None:
+            continue
+        delay_s = float(delay.removesuffix("ms") or 0) / 1000
+        latency_s = CONNECTIONS / normal["wrk_inc"]["req_per_s"]
+        bound = CONNECTIONS / (latency_s + delay_s + flush_s)
+        bounds[name] = {
+            "bound_req_per_s": round(bound),
+            "share_of_bound": round(figures["wrk_inc"]["req_per_s"] / bound, 3),
+        }
+    return bounds
+
+
 @contextlib.contextmanager
 def served(env: dict, home: str, app: str, script: str, synchronous: str) -> Iterator[str]:
     """`app` served (by the private Apache, or uvicorn); yields its base URL."""
@@ -665,7 +781,7 @@ def summarize(rounds: list[dict]) -> dict:
             figures = {}
             for field in rounds[0][app][key]:
                 figures[field] = statistics.median(r[app][key][field] for r in rounds)
-            for other in ("hello", *COMPARED.get(app, ())):
+            for other in ("hello", *compared_to(app)):
                 if other in rounds[0]:
                     ratio = [ratio_of(r[app][key], r[other][key], "req_per_s") for r in rounds]
                     figures[f"ratio_to_{other}"] = round(statistics.median(ratio), 3)
@@ -679,11 +795,11 @@ def summarize(rounds: list[dict]) -> dict:
     return summary
 
 
-def table(summary: dict, alone: list[dict]) -> str:
+def table(summary: dict, alone: list[dict], bounds: dict) -> str:
     lines = [
         "| app | driver | route | req/s | x hello | non-2xx | socket errors "
-        "| acked | counter Δ | lost | p50 ms | p99 ms |",
-        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| acked | counter Δ | lost | p50 ms | p99 ms | server CPU µs/req | machine CPU µs/req |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for app, figures in summary.items():
         for key, f in figures.items():
@@ -693,14 +809,15 @@ def table(summary: dict, alone: list[dict]) -> str:
                 f"| {f['req_per_s']:.0f} | {f['ratio_to_hello']:.2f} | {f['non_2xx_total']:.0f} "
                 f"| {f['socket_errors']:.0f} | {f['ok']:.0f} "
                 f"| {f.get('delta', '')} | {f.get('lost', '')} "
-                f"| {f.get('p50_ms', '')} | {f.get('p99_ms', '')} |"
+                f"| {f.get('p50_ms', '')} | {f.get('p99_ms', '')} "
+                f"| {f.get('server_cpu_us', '')} | {f.get('machine_cpu_us', '')} |"
             )
     compared = [
         f"| {app} / {other} | {key.replace('_', ' ')} | {f[f'ratio_to_{other}']:.3f} "
         f"| {f.get(f'p99_ratio_to_{other}', '')} |"
         for app, figures in summary.items()
         for key, f in figures.items()
-        for other in COMPARED.get(app, ())
+        for other in compared_to(app)
         if f"ratio_to_{other}" in f
     ]
     if compared:
@@ -710,6 +827,17 @@ def table(summary: dict, alone: list[dict]) -> str:
             "|---|---|---:|---:|",
         ]
         lines += compared
+    if bounds:
+        lines += [
+            "",
+            "| group commit, wrk POST | req/s | closed-loop bound | share of it |",
+            "|---|---:|---:|---:|",
+        ]
+        lines += [
+            f"| {name} | {summary[name]['wrk_inc']['req_per_s']:.0f} "
+            f"| {b['bound_req_per_s']} | {b['share_of_bound']:.2f} |"
+            for name, b in bounds.items()
+        ]
     lines += [
         "",
         "| SQLite alone | processes | tx/s | locked errors | exact |",
@@ -774,6 +902,11 @@ def main(argv: list[str]) -> int:
         "--apps", help="comma-separated apps to measure besides hello (default: all)"
     )
     parser.add_argument("--no-sqlite-alone", action="store_true", help="skip SQLite alone")
+    parser.add_argument(
+        "--flush-delays",
+        default="",
+        help="comma-separated ms each flush also takes, beside 0 (e.g. 1,5)",
+    )
     args = parser.parse_args(argv)
     chosen = set(args.apps.split(",")) | {"hello"} if args.apps else None
     apps = [
@@ -789,7 +922,9 @@ def main(argv: list[str]) -> int:
     rc = os.path.join(ROOT, "siegerc")
     postgres = any(app[0] == "lite-pg" for app in apps)
     env = scratch_env(home, args.port)
+    delays = [0.0] + [float(d) for d in args.flush_delays.split(",") if d]
     rounds = []
+    flush_s = flush_seconds(home)
     try:  # the scratch home goes, and its PostgreSQL stops, whatever fails
         prepare(
             home,
@@ -799,14 +934,27 @@ def main(argv: list[str]) -> int:
             postgres,
             [app[0] for app in apps if app[0] in SQLA_APPS],
         )
+        slow_flush = build_slow_flush(home) if len(delays) > 1 else ""
+        served_rows = [
+            (row_name(app, delay), app, script, synchronous, delay)
+            for delay in delays
+            for app, script, synchronous in apps
+            if not delay or (app != "hello" and app not in UVICORN_APPS)
+        ]
         for number in range(1, args.rounds + 1):
             results = {}
-            for app, script, synchronous in apps:
-                print(f"bench: round {number}: {app}", file=sys.stderr)
+            for name, app, script, synchronous, delay in served_rows:
+                print(f"bench: round {number}: {name}", file=sys.stderr)
+                on_disk = slower_disk(env, slow_flush, delay)
                 try:
-                    with served(env, home, app, script, synchronous) as base:
-                        results[app] = drive(
-                            base, args.seconds, rc, args.siege_requests, counts=app != "hello"
+                    with served(on_disk, home, app, script, synchronous) as base:
+                        results[name] = drive(
+                            base,
+                            args.seconds,
+                            rc,
+                            args.siege_requests,
+                            counts=app != "hello",
+                            server_home=None if app in UVICORN_APPS else home,
                         )
                 finally:
                     truncate_wals(home)
@@ -820,22 +968,25 @@ def main(argv: list[str]) -> int:
         print("bench: SQLite alone", file=sys.stderr)
         alone = sqlite_alone.measure_all(args.seconds)
     summary = summarize(rounds)
+    bounds = closed_loop_bounds(summary, flush_s)
     os.makedirs(args.out, exist_ok=True)
     report = {
         "machine": machine(),
         "command": "sudo .venv/bin/python bench/run.py " + " ".join(argv),
         "when": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
         "settings": vars(args) | {"connections": CONNECTIONS},
+        "flush_s": flush_s,
         "summary": summary,
+        "closed_loop_bounds": bounds,
         "sqlite_alone": alone,
         "rounds": rounds,
     }
     with open(os.path.join(args.out, "results.json"), "w") as f:
         json.dump(report, f, indent=1)
     with open(os.path.join(args.out, "results.md"), "w") as f:
-        f.write(table(summary, alone))
+        f.write(table(summary, alone, bounds))
     chart(summary, os.path.join(args.out, "results.png"))
-    print(table(summary, alone))
+    print(table(summary, alone, bounds))
     return 0
 
 

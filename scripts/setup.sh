@@ -19,8 +19,10 @@ fi
 if [ "${1:-}" = "--dev" ]; then
     # The load tools and the browser are the tests' (and the benchmark's);
     # systemd gives systemd-analyze, which checks the unit serve.sh writes;
-    # PostgreSQL runs as scripts/postgres.sh's private cluster.
+    # PostgreSQL runs as scripts/postgres.sh's private cluster; the power-cut
+    # tests build tests/powerfs.c (FUSE) and the benchmark bench/slow_flush.c.
     PACKAGES+=(siege wrk chromium chromium-driver fonts-liberation systemd postgresql-15)
+    PACKAGES+=(fuse3 libfuse3-dev gcc libc6-dev pkg-config)
 fi
 
 if [ "${2:-${1:-}}" = "--list" ]; then

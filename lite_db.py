@@ -204,12 +204,13 @@ _FLOCK = struct.Struct("=hh4xqqi4x")
 # one lock byte per slot from byte _QUEUE_FIRST_SLOT.
 _QUEUE_TICKET = struct.Struct("=Q")
 _QUEUE_FIRST_SLOT = 4096
-# Group commit's place in the same file: the numbers of commits taken and
-# of the last flushed (8 bytes each, from byte 8), locked together, and the
-# flush lock's byte, held by the one connection flushing.
+# Group commit's place in the same file (native order): the highest number
+# a commit took (bytes 8-15, under their own short lock), the highest
+# flushed (16-23, written and read under the flush lock), and the flush
+# lock's byte, held by the one connection flushing or looking.
 _GROUP_COUNTER = struct.Struct("=Q")
-_GROUP_COUNTERS = struct.Struct("=QQ")
-_GROUP_COUNTERS_RANGE = (8, _GROUP_COUNTERS.size)
+_GROUP_TAKEN = (8, _GROUP_COUNTER.size)  # start, length
+_GROUP_FLUSHED_AT = 16
 _GROUP_FLUSH_LOCK = 24
 _SYNCHRONOUS_NAMES = {0: "OFF", 1: "NORMAL", 2: "FULL", 3: "EXTRA"}
 
@@ -1493,7 +1494,7 @@ class WriteQueue:
         self.slot: int | None = None
         self.off = fcntl is None or not hasattr(fcntl, "F_OFD_SETLKW")
         # Waits for the helper thread, started at the first wait; None stops it.
-        self.waits: queue.SimpleQueue[tuple[int, int, threading.Lock] | None] | None = None
+        self.waits: queue.SimpleQueue[_LockWait | None] | None = None
 
     def enter(self, deadline: float) -> bool:
         """Take a ticket and wait, until `deadline` at most, for the one before; True if queued."""
@@ -1558,46 +1559,88 @@ class WriteQueue:
         return ticket
 
     def wait_unlocked(self, slot: int, deadline: float) -> None:
-        """Until the holder of the lock on byte `slot` lets go (or dies), or `deadline`.
-
-        A lock wait cannot time out, so this connection's helper thread
-        waits (on a duplicate of the descriptor: the same owner, and safe
-        from the descriptor's reuse) while the caller waits with a timeout.
-        A wait past the deadline is left to its helper, which exits once it
-        ends; the next wait gets a new helper, not a place behind it.
-        """
+        """Until the holder of the lock on byte `slot` lets go (or dies), or `deadline`."""
         try:
             _ofd_lock(self.fd, fcntl.F_OFD_SETLK, fcntl.F_RDLCK, slot)
         except BlockingIOError:
-            pass
+            self._wait(_LockWait(os.dup(self.fd), slot, take=False), deadline)
         else:
             _ofd_lock(self.fd, fcntl.F_OFD_SETLK, fcntl.F_UNLCK, slot)
-            return
+
+    def lock(self, byte: int, deadline: float) -> bool:
+        """Take the write lock on `byte` (this connection's until unlock()); False at `deadline`.
+
+        Waiters are woken one at a time, as each holder lets go.
+        """
+        try:
+            _ofd_lock(self.fd, fcntl.F_OFD_SETLK, fcntl.F_WRLCK, byte)
+        except BlockingIOError:
+            return self._wait(_LockWait(os.dup(self.fd), byte, take=True), deadline)
+        return True
+
+    def unlock(self, byte: int) -> None:
+        _ofd_lock(self.fd, fcntl.F_OFD_SETLK, fcntl.F_UNLCK, byte)
+
+    def _wait(self, wait: _LockWait, deadline: float) -> bool:
+        """Hand `wait` to this connection's helper thread; whether it ended by `deadline`.
+
+        A lock wait cannot time out, so the helper waits (on a duplicate of
+        the descriptor: the same owner, and safe from the descriptor's
+        reuse) while the caller waits with a timeout. A wait past the
+        deadline is left to its helper, which exits once it ends (letting go
+        of a lock it was to take); the next wait gets a new helper, not a
+        place behind it.
+        """
         if self.waits is None:
             self.waits = queue.SimpleQueue()
             threading.Thread(
                 target=_wait_in_line, args=(self.waits,), name="lite write queue", daemon=True
             ).start()
-        done = threading.Lock()  # released by the helper: cheaper than an Event
-        done.acquire()
-        self.waits.put((os.dup(self.fd), slot, done))
-        if not done.acquire(timeout=max(0.0, deadline - time.monotonic())):
-            self.waits.put(None)
-            self.waits = None
+        self.waits.put(wait)
+        if wait.ended(max(0.0, deadline - time.monotonic())):
+            return True
+        self.waits.put(None)
+        self.waits = None
+        return False
 
 
-def _wait_in_line(waits: queue.SimpleQueue[tuple[int, int, threading.Lock] | None]) -> None:
-    """A WriteQueue's helper thread: each wait asked for, one after another, until None."""
-    while (wait := waits.get()) is not None:
-        fd, slot, done = wait
+class _LockWait:
+    """One wait of a WriteQueue's helper thread: for a lock byte to be free, or to take it."""
+
+    def __init__(self, fd: int, byte: int, take: bool) -> None:
+        self.fd, self.byte, self.take = fd, byte, take
+        self.done = threading.Lock()  # released by the helper: cheaper than an Event
+        self.done.acquire()
+        self.handover = threading.Lock()  # a lock taken goes to the caller, or is let go
+        self.taken = self.abandoned = False
+
+    def ended(self, timeout: float) -> bool:
+        """Whether the wait ended within `timeout` seconds (a lock to take is then the caller's)."""
+        if self.done.acquire(timeout=timeout):
+            return True
+        with self.handover:
+            self.abandoned = not self.taken
+            return self.taken
+
+    def run(self) -> None:
         try:
-            _ofd_lock(fd, fcntl.F_OFD_SETLKW, fcntl.F_RDLCK, slot)
-            _ofd_lock(fd, fcntl.F_OFD_SETLK, fcntl.F_UNLCK, slot)
+            kind = fcntl.F_WRLCK if self.take else fcntl.F_RDLCK
+            _ofd_lock(self.fd, fcntl.F_OFD_SETLKW, kind, self.byte)
+            with self.handover:
+                self.taken = self.take and not self.abandoned
+            if not self.taken:
+                _ofd_lock(self.fd, fcntl.F_OFD_SETLK, fcntl.F_UNLCK, self.byte)
         except OSError:
             pass
         finally:
-            os.close(fd)
-            done.release()
+            os.close(self.fd)
+            self.done.release()
+
+
+def _wait_in_line(waits: queue.SimpleQueue[_LockWait | None]) -> None:
+    """A WriteQueue's helper thread: each wait asked for, one after another, until None."""
+    while (wait := waits.get()) is not None:
+        wait.run()
 
 
 def _ofd_lock(fd: int, command: int, lock_type: int, start: int, length: int = 1) -> None:
@@ -1617,13 +1660,13 @@ class GroupCommit:
     threads of a database share the count through the write queue's file
     (a connection's own descriptor and OFD locks, as the queue's):
 
-    - each commit takes a number (`committed` + 1) under a short lock;
-    - one connection at a time flushes, holding the flush lock: it reads the
-      highest number taken, fdatasyncs the -wal and records that number as
-      `flushed`;
-    - a commit whose number is already flushed returns at once; one that
-      finds a flush under way waits, asleep, for it to end: it is covered by
-      that one, or it starts the next, for every commit numbered since.
+    - each commit takes the next number under a short lock;
+    - then it takes the flush lock, asleep while another holds it (the
+      kernel hands it to one waiter at a time, so a flush under way is
+      waited for, never joined);
+    - holding it, a commit whose number is flushed lets go at once; else it
+      reads the highest number taken, fdatasyncs the -wal, records that
+      number as flushed and lets go: one flush for every commit before it.
 
     Why a flush of the -wal is enough, checkpoints and WAL resets included:
     docs/how-it-works.md. Raises OutcomeUnknown (counted) when the flush
@@ -1641,64 +1684,44 @@ class GroupCommit:
 
     def wait(self, deadline: float) -> None:
         """Return once this connection's last commit is on disk; raise OutcomeUnknown if not."""
-        fd = self.conn.queue.opened()
+        queue_ = self.conn.queue
+        fd = queue_.opened()
         try:
             if fd is None:
                 self._flush()
                 return
-            number = self._take_number(fd)
-            while True:
-                try:
-                    _ofd_lock(fd, fcntl.F_OFD_SETLK, fcntl.F_WRLCK, _GROUP_FLUSH_LOCK)
-                except BlockingIOError:
-                    pass
-                else:
-                    try:
-                        committed, flushed = self._counters(fd)
-                        if flushed < number:
-                            self._flush()
-                            self._record_flushed(fd, committed)
-                    finally:
-                        _ofd_lock(fd, fcntl.F_OFD_SETLK, fcntl.F_UNLCK, _GROUP_FLUSH_LOCK)
-                    return
-                if time.monotonic() >= deadline:
-                    raise TimeoutError("no flush of the WAL finished in time")
-                self.conn.queue.wait_unlocked(_GROUP_FLUSH_LOCK, deadline)
-                if self._counters(fd)[1] >= number:
-                    return
+            number = self._committed(fd, take=True)
+            if not queue_.lock(_GROUP_FLUSH_LOCK, deadline):
+                raise TimeoutError("no flush of the WAL finished in time")
+            try:
+                if self._flushed(fd) < number:
+                    committed = self._committed(fd, take=False)
+                    self._flush()
+                    os.pwrite(fd, _GROUP_COUNTER.pack(committed), _GROUP_FLUSHED_AT)
+            finally:
+                queue_.unlock(_GROUP_FLUSH_LOCK)
         except OSError as exc:
             count(self.conn.figures, "write_failures")
             log.error("commit to %s not known to be on disk: %s", self.path, exc)
             raise OutcomeUnknown(f"commit not known to be on disk: {exc}") from exc
 
-    def _take_number(self, fd: int) -> int:
-        _ofd_lock(fd, fcntl.F_OFD_SETLKW, fcntl.F_WRLCK, *_GROUP_COUNTERS_RANGE)
+    def _committed(self, fd: int, take: bool) -> int:
+        """The highest number taken; with `take`, the next one, taken now (under the short lock)."""
+        _ofd_lock(fd, fcntl.F_OFD_SETLKW, fcntl.F_WRLCK if take else fcntl.F_RDLCK, *_GROUP_TAKEN)
         try:
-            committed = self._read(fd)[0]
-            os.pwrite(fd, _GROUP_COUNTER.pack(committed + 1), _GROUP_COUNTERS_RANGE[0])
+            raw = os.pread(fd, _GROUP_COUNTER.size, _GROUP_TAKEN[0])
+            number = _GROUP_COUNTER.unpack(raw)[0] if len(raw) == _GROUP_COUNTER.size else 0
+            if take:
+                number += 1
+                os.pwrite(fd, _GROUP_COUNTER.pack(number), _GROUP_TAKEN[0])
         finally:
-            _ofd_lock(fd, fcntl.F_OFD_SETLK, fcntl.F_UNLCK, *_GROUP_COUNTERS_RANGE)
-        return committed + 1
+            _ofd_lock(fd, fcntl.F_OFD_SETLK, fcntl.F_UNLCK, *_GROUP_TAKEN)
+        return number
 
-    def _counters(self, fd: int) -> tuple[int, int]:
-        """(committed, flushed), read under the short lock."""
-        _ofd_lock(fd, fcntl.F_OFD_SETLKW, fcntl.F_RDLCK, *_GROUP_COUNTERS_RANGE)
-        try:
-            return self._read(fd)
-        finally:
-            _ofd_lock(fd, fcntl.F_OFD_SETLK, fcntl.F_UNLCK, *_GROUP_COUNTERS_RANGE)
-
-    def _read(self, fd: int) -> tuple[int, int]:
-        raw = os.pread(fd, _GROUP_COUNTERS.size, _GROUP_COUNTERS_RANGE[0])
-        return _GROUP_COUNTERS.unpack(raw) if len(raw) == _GROUP_COUNTERS.size else (0, 0)
-
-    def _record_flushed(self, fd: int, number: int) -> None:
-        _ofd_lock(fd, fcntl.F_OFD_SETLKW, fcntl.F_WRLCK, *_GROUP_COUNTERS_RANGE)
-        try:
-            at = _GROUP_COUNTERS_RANGE[0] + _GROUP_COUNTER.size
-            os.pwrite(fd, _GROUP_COUNTER.pack(number), at)
-        finally:
-            _ofd_lock(fd, fcntl.F_OFD_SETLK, fcntl.F_UNLCK, *_GROUP_COUNTERS_RANGE)
+    def _flushed(self, fd: int) -> int:
+        """The highest number flushed: written only under the flush lock, so read under it."""
+        raw = os.pread(fd, _GROUP_COUNTER.size, _GROUP_FLUSHED_AT)
+        return _GROUP_COUNTER.unpack(raw)[0] if len(raw) == _GROUP_COUNTER.size else 0
 
     def _flush(self) -> None:
         """fdatasync the -wal; raises OSError, after refusing the database's writes.

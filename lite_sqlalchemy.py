@@ -10,7 +10,8 @@ transactions begin and wait.
 
 Contract:
 - Every new DBAPI connection gets lite's settings (lite_db.apply_pragmas):
-  WAL, synchronous NORMAL (or FULL through LITE_SYNCHRONOUS), foreign keys,
+  WAL, synchronous NORMAL (FULL with LITE_SYNCHRONOUS=FULL, and with GROUP:
+  group commit is lite_db's write path, not SQLAlchemy's), foreign keys,
   a journal size limit, wal_autocheckpoint 1000 pages; its busy timeout is
   lite_db.LOCK_BUDGET_MS. The driver's own transaction handling is off
   (isolation_level None): this dialect emits BEGIN itself.

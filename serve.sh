@@ -18,7 +18,7 @@
 #   LITE_HOME         where lite is installed (default /srv/lite)
 #   LITE_PORT         the port on 127.0.0.1 (default 8000)
 #   LITE_USER         the daemons' user (default www-data), LITE_GROUP likewise
-#   LITE_SYNCHRONOUS  NORMAL (default) or FULL, handed to the daemons
+#   LITE_SYNCHRONOUS  NORMAL (default), FULL or GROUP, handed to the daemons
 #   LITE_WSGI_SCRIPT  the script in $LITE_HOME/app to serve (default
 #                     lite_app.py; the benchmark serves its own apps)
 #   LITE_PROCESSES, LITE_THREADS  the mod_wsgi daemons (default 20 x 1)

@@ -2,7 +2,8 @@
 
 What it changes, and nothing else:
 - Every new connection gets lite's settings (lite_db.apply_pragmas): WAL,
-  synchronous NORMAL (LITE_SYNCHRONOUS=FULL for FULL), foreign keys, a
+  synchronous NORMAL (FULL with LITE_SYNCHRONOUS=FULL, and with GROUP: group
+  commit is lite_db's write path, not Django's), foreign keys, a
   journal size limit, and a busy timeout of lite_db.BUSY_POLL_MS. They are
   run on the raw connection, not through Django's cursor, so they are not
   counted as queries.

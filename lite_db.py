@@ -85,7 +85,7 @@ import struct
 import threading
 import time
 import urllib.parse
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -204,14 +204,16 @@ _FLOCK = struct.Struct("=hh4xqqi4x")
 # one lock byte per slot from byte _QUEUE_FIRST_SLOT.
 _QUEUE_TICKET = struct.Struct("=Q")
 _QUEUE_FIRST_SLOT = 4096
-# Group commit's place in the same file (native order): the highest number
-# a commit took (bytes 8-15, under their own short lock), the highest
-# flushed (16-23, written and read under the flush lock), and the flush
-# lock's byte, held by the one connection flushing or looking.
+# Group commit's place in the same file (native order, under one short
+# lock): the highest number a commit took (bytes 8-15), the highest flushed
+# (16-23), the highest the flush under way covers, 0 if none (24-31); and
+# the flush lock's byte, held by the one connection flushing.
 _GROUP_COUNTER = struct.Struct("=Q")
-_GROUP_TAKEN = (8, _GROUP_COUNTER.size)  # start, length
-_GROUP_FLUSHED_AT = 16
-_GROUP_FLUSH_LOCK = 24
+_GROUP_FLUSHED = struct.Struct("=QQ")  # flushed, flushing
+_GROUP_STATE = struct.Struct("=QQQ")
+_GROUP_TAKEN_AT, _GROUP_FLUSHED_AT, _GROUP_FLUSHING_AT = 8, 16, 24
+_GROUP_NUMBERS = (8, _GROUP_STATE.size)  # the short lock: start, length
+_GROUP_FLUSH_LOCK = 32
 _SYNCHRONOUS_NAMES = {0: "OFF", 1: "NORMAL", 2: "FULL", 3: "EXTRA"}
 
 log = logging.getLogger(__name__)
@@ -1568,14 +1570,17 @@ class WriteQueue:
             _ofd_lock(self.fd, fcntl.F_OFD_SETLK, fcntl.F_UNLCK, slot)
 
     def lock(self, byte: int, deadline: float) -> bool:
-        """Take the write lock on `byte` (this connection's until unlock()); False at `deadline`.
+        """Take the write lock on `byte` (this connection's until unlock()); False at `deadline`."""
+        if self.try_lock(byte):
+            return True
+        return self._wait(_LockWait(os.dup(self.fd), byte, take=True), deadline)
 
-        Waiters are woken one at a time, as each holder lets go.
-        """
+    def try_lock(self, byte: int) -> bool:
+        """Take the write lock on `byte` if no one holds any lock on it."""
         try:
             _ofd_lock(self.fd, fcntl.F_OFD_SETLK, fcntl.F_WRLCK, byte)
         except BlockingIOError:
-            return self._wait(_LockWait(os.dup(self.fd), byte, take=True), deadline)
+            return False
         return True
 
     def unlock(self, byte: int) -> None:
@@ -1660,18 +1665,27 @@ class GroupCommit:
     threads of a database share the count through the write queue's file
     (a connection's own descriptor and OFD locks, as the queue's):
 
-    - each commit takes the next number under a short lock;
-    - then it takes the flush lock, asleep while another holds it (the
-      kernel hands it to one waiter at a time, so a flush under way is
-      waited for, never joined);
-    - holding it, a commit whose number is flushed lets go at once; else it
-      reads the highest number taken, fdatasyncs the -wal, records that
-      number as flushed and lets go: one flush for every commit before it.
+    - each commit takes the next number, under a short lock on the shared
+      numbers;
+    - if no flush is under way, it leads one: it records the highest number
+      taken as the flush's, takes the flush lock, fdatasyncs the -wal, then
+      records that number as flushed and lets go;
+    - if one is, it sleeps until its flusher lets go of the flush lock
+      (every sleeper wakes): its number is flushed, or the first to look
+      leads the next flush, for every number taken since, and the others
+      sleep through that one. If the flush lock is found free while a
+      flush is recorded under way, its flusher died, and the looker leads.
+
+    The sleep is in the kernel, in the writer's own thread (a helper
+    thread's hand-over costs more than the flush it waits for): it ends
+    when the flusher's fdatasync returns or its process dies, so a disk
+    that stops answering holds the writes waiting for its flush, as it
+    holds the writer running it; reads go on.
 
     Why a flush of the -wal is enough, checkpoints and WAL resets included:
     docs/how-it-works.md. Raises OutcomeUnknown (counted) when the flush
-    fails or has not finished by the deadline: the commit is in the
-    database but not known to be on disk. A flush that fails also refuses
+    fails, or when the deadline has passed and it is not flushed: the
+    commit is in the database but not known to be on disk. A flush that fails also refuses
     the database's writes in every process, as a replaced file does: after
     a failed writeback the kernel may have dropped pages the -wal needs.
     Where the queue is off (no OFD locks), each commit flushes alone.
@@ -1681,6 +1695,7 @@ class GroupCommit:
         self.conn = conn
         self.path = _file_of(conn.path)
         self.wal_fd: int | None = None  # the -wal, held from the first flush
+        self.leading = 0  # the highest number this connection's flush covers
 
     def wait(self, deadline: float) -> None:
         """Return once this connection's last commit is on disk; raise OutcomeUnknown if not."""
@@ -1690,38 +1705,65 @@ class GroupCommit:
             if fd is None:
                 self._flush()
                 return
-            number = self._committed(fd, take=True)
-            if not queue_.lock(_GROUP_FLUSH_LOCK, deadline):
-                raise TimeoutError("no flush of the WAL finished in time")
+            with self._shared(fd):
+                taken, flushed, flushing = self._read(fd)
+                number = taken + 1
+                os.pwrite(fd, _GROUP_COUNTER.pack(number), _GROUP_TAKEN_AT)
+                leading = not flushing and self._lead(fd, number, deadline)
+            while not leading:
+                # A flush is under way, its flusher holding the flush lock:
+                # asleep in the kernel until it lets go (every waiter at once).
+                _ofd_lock(fd, fcntl.F_OFD_SETLKW, fcntl.F_RDLCK, _GROUP_FLUSH_LOCK)
+                _ofd_lock(fd, fcntl.F_OFD_SETLK, fcntl.F_UNLCK, _GROUP_FLUSH_LOCK)
+                with self._shared(fd):
+                    taken, flushed, flushing = self._read(fd)
+                    if flushed >= number:
+                        return
+                    if time.monotonic() >= deadline:
+                        raise TimeoutError("no flush of the WAL finished in time")
+                    # No flush under way, or its flusher died (the lock is free).
+                    if not flushing or queue_.try_lock(_GROUP_FLUSH_LOCK):
+                        leading = self._lead(fd, taken, deadline)
             try:
-                if self._flushed(fd) < number:
-                    committed = self._committed(fd, take=False)
-                    self._flush()
-                    os.pwrite(fd, _GROUP_COUNTER.pack(committed), _GROUP_FLUSHED_AT)
-            finally:
+                self._flush()
+            except BaseException:
+                with self._shared(fd):
+                    os.pwrite(fd, _GROUP_COUNTER.pack(0), _GROUP_FLUSHING_AT)
+                    queue_.unlock(_GROUP_FLUSH_LOCK)
+                raise
+            with self._shared(fd):
+                os.pwrite(fd, _GROUP_FLUSHED.pack(self.leading, 0), _GROUP_FLUSHED_AT)
                 queue_.unlock(_GROUP_FLUSH_LOCK)
         except OSError as exc:
             count(self.conn.figures, "write_failures")
             log.error("commit to %s not known to be on disk: %s", self.path, exc)
             raise OutcomeUnknown(f"commit not known to be on disk: {exc}") from exc
 
-    def _committed(self, fd: int, take: bool) -> int:
-        """The highest number taken; with `take`, the next one, taken now (under the short lock)."""
-        _ofd_lock(fd, fcntl.F_OFD_SETLKW, fcntl.F_WRLCK if take else fcntl.F_RDLCK, *_GROUP_TAKEN)
-        try:
-            raw = os.pread(fd, _GROUP_COUNTER.size, _GROUP_TAKEN[0])
-            number = _GROUP_COUNTER.unpack(raw)[0] if len(raw) == _GROUP_COUNTER.size else 0
-            if take:
-                number += 1
-                os.pwrite(fd, _GROUP_COUNTER.pack(number), _GROUP_TAKEN[0])
-        finally:
-            _ofd_lock(fd, fcntl.F_OFD_SETLK, fcntl.F_UNLCK, *_GROUP_TAKEN)
-        return number
+    def _lead(self, fd: int, upto: int, deadline: float) -> bool:
+        """Become the flusher of every number up to `upto` (under the short lock); True.
 
-    def _flushed(self, fd: int) -> int:
-        """The highest number flushed: written only under the flush lock, so read under it."""
-        raw = os.pread(fd, _GROUP_COUNTER.size, _GROUP_FLUSHED_AT)
-        return _GROUP_COUNTER.unpack(raw)[0] if len(raw) == _GROUP_COUNTER.size else 0
+        The flush lock is taken before the short lock is let go, so that a
+        flush recorded under way always has its lock held.
+        """
+        if not self.conn.queue.lock(_GROUP_FLUSH_LOCK, deadline):
+            raise TimeoutError("the flush lock was not free in time")
+        os.pwrite(fd, _GROUP_COUNTER.pack(upto), _GROUP_FLUSHING_AT)
+        self.leading = upto
+        return True
+
+    @contextlib.contextmanager
+    def _shared(self, fd: int) -> Iterator[None]:
+        """The short lock on the shared numbers, for a few system calls."""
+        _ofd_lock(fd, fcntl.F_OFD_SETLKW, fcntl.F_WRLCK, *_GROUP_NUMBERS)
+        try:
+            yield
+        finally:
+            _ofd_lock(fd, fcntl.F_OFD_SETLK, fcntl.F_UNLCK, *_GROUP_NUMBERS)
+
+    def _read(self, fd: int) -> tuple[int, int, int]:
+        """(the highest number taken, the highest flushed, that of the flush under way or 0)."""
+        raw = os.pread(fd, _GROUP_STATE.size, _GROUP_TAKEN_AT)
+        return _GROUP_STATE.unpack(raw) if len(raw) == _GROUP_STATE.size else (0, 0, 0)
 
     def _flush(self) -> None:
         """fdatasync the -wal; raises OSError, after refusing the database's writes.

@@ -164,3 +164,18 @@ def test_the_app_answers_502_when_the_disk_does_not_confirm(group, app, monkeypa
     res = app.post("/lite/inc", {"counter": "hits"}, status=502)
     assert "outcome unknown" in res.json["error"]
     assert "Traceback" not in res.text and "Retry-After" not in res.headers
+
+
+def test_a_flush_whose_flusher_died_is_led_by_the_next_writer(group, db_path, hits):
+    cur = lite_db.cursor(db_path)
+    lite_counters.increment(cur, "hits")
+    # A flush recorded under way, its flusher gone (the flush lock free).
+    queue_file = os.open(db_path + lite_db.QUEUE_SUFFIX, os.O_RDWR)
+    try:
+        taken = int.from_bytes(os.pread(queue_file, 8, 8), "little")
+        os.pwrite(queue_file, (taken + 5).to_bytes(8, "little"), 24)
+    finally:
+        os.close(queue_file)
+    before = lite_db.figures()["flushes"]
+    assert lite_counters.increment(cur, "hits") == ("hits", 2)
+    assert lite_db.figures()["flushes"] == before + 1

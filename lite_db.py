@@ -477,7 +477,10 @@ class SQLiteEngine(Engine):
         path = cur.connection.path
         return {
             "journal_mode": journal_mode,
-            "synchronous": _SYNCHRONOUS_NAMES.get(synchronous, "?"),
+            # NORMAL's commits, acknowledged once flushed: GROUP.
+            "synchronous": "GROUP"
+            if cur.connection.group_commit is not None
+            else _SYNCHRONOUS_NAMES.get(synchronous, "?"),
             "busy_timeout_ms": busy_timeout,
             "lock_budget_ms": LOCK_BUDGET_MS,
             "journal_size_limit_bytes": size_limit,

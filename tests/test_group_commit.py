@@ -179,3 +179,7 @@ def test_a_flush_whose_flusher_died_is_led_by_the_next_writer(group, db_path, hi
     before = lite_db.figures()["flushes"]
     assert lite_counters.increment(cur, "hits") == ("hits", 2)
     assert lite_db.figures()["flushes"] == before + 1
+
+
+def test_stats_say_group(group, app):
+    assert app.get("/lite/stats").json["database"]["synchronous"] == "GROUP"

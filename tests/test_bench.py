@@ -45,6 +45,7 @@ def test_the_benchmark_runs_and_lite_loses_nothing(tmp_path):
         "lite",
         "minimal-full",
         "lite-full",
+        "lite-group",
         "naive",
         "lite-prev",
         "django",
@@ -62,7 +63,7 @@ def test_the_benchmark_runs_and_lite_loses_nothing(tmp_path):
     assert "ratio_to_lite" in report["summary"]["lite-pg"]["wrk_inc"]
     assert "p99_ratio_to_fastapi" in report["summary"]["fastapi-lite"]["wrk_inc"]
     assert "p99_ratio_to_flask-sqla" in report["summary"]["flask-sqla-lite"]["wrk_inc"]
-    exact = ("lite", "lite-full", "lite-prev", "django", "django-lite", "lite-pg")
+    exact = ("lite", "lite-full", "lite-group", "lite-prev", "django", "django-lite", "lite-pg")
     for app in (*exact, "fastapi-lite", "flask-sqla-lite"):
         for key, figures in report["summary"][app].items():
             assert figures["non_2xx_total"] == 0, (app, key)
@@ -78,6 +79,20 @@ def test_the_benchmark_runs_and_lite_loses_nothing(tmp_path):
     assert "| lite | wrk | POST /lite/inc |" in (tmp_path / "results.md").read_text()
 
 
+def test_group_commit_on_a_slower_disk_runs_and_loses_nothing(tmp_path):
+    args = ["--seconds", "1", "--rounds", "1", "--siege-requests", "3", "--no-sqlite-alone"]
+    run_bench("run.py", [*args, "--apps", "lite,lite-group", "--flush-delays", "1"], tmp_path)
+    report = json.loads((tmp_path / "results.json").read_text())
+    assert set(report["summary"]) == {"hello", "lite", "lite-group", "lite@1ms", "lite-group@1ms"}
+    for name in ("lite-group", "lite-group@1ms"):
+        figures = report["summary"][name]["wrk_inc"]
+        assert figures["non_2xx_total"] == 0 and figures["lost_total"] == 0, name
+        assert figures["ok"] > 0
+        assert f"ratio_to_{name.replace('lite-group', 'lite')}" in figures  # same disk
+        assert report["closed_loop_bounds"][name]["bound_req_per_s"] > 0
+    assert "| lite-group@1ms |" in (tmp_path / "results.md").read_text()
+
+
 def test_the_sizing_grid_runs_and_lite_loses_nothing(tmp_path):
     run_bench("sizing.py", ["--seconds", "1", "--rounds", "1", "--sizes", "2x4"], tmp_path)
     report = json.loads((tmp_path / "sizing.json").read_text())
@@ -86,3 +101,32 @@ def test_the_sizing_grid_runs_and_lite_loses_nothing(tmp_path):
     for row in rows.values():
         assert row["req_per_s"] > 0 and row["non_2xx"] == 0 and row["lost"] == 0, row
     assert "| 2 x 4 | POST /lite/inc |" in (tmp_path / "sizing.md").read_text()
+
+
+def test_the_slower_disk_delays_every_flush_and_nothing_else(tmp_path):
+    sys.path.insert(0, os.path.join(ROOT, "bench"))
+    import run as bench
+
+    library = bench.build_slow_flush(str(tmp_path))
+    code = (
+        "import os, sys, time\n"
+        "fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT)\n"
+        "began = time.monotonic()\n"
+        "for _ in range(20): os.pwrite(fd, b'x', 0)\n"
+        "wrote = time.monotonic()\n"
+        "for _ in range(5): os.fdatasync(fd)\n"
+        "os.fsync(fd)\n"
+        "print(wrote - began, time.monotonic() - wrote)\n"
+    )
+    env = {**os.environ, "LD_PRELOAD": library, "SLOW_FLUSH_MS": "50"}
+    done = subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path / "f")],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    )
+    writing, flushing = map(float, done.stdout.split())
+    assert flushing >= 6 * 0.050  # each of the six flushes slept its 50 ms
+    assert writing < 0.050  # writes are not delayed

@@ -1688,10 +1688,11 @@ class GroupCommit:
     Why a flush of the -wal is enough, checkpoints and WAL resets included:
     docs/how-it-works.md. Raises OutcomeUnknown (counted) when the flush
     fails, or when the deadline has passed and it is not flushed: the
-    commit is in the database but not known to be on disk. A flush that fails also refuses
-    the database's writes in every process, as a replaced file does: after
-    a failed writeback the kernel may have dropped pages the -wal needs.
-    Where the queue is off (no OFD locks), each commit flushes alone.
+    commit is in the database but not known to be on disk. A flush that
+    fails also refuses the database's writes in every process, as a
+    replaced file does: after a failed writeback the kernel may have
+    dropped pages the -wal needs. Where the queue is off (no OFD locks),
+    each commit flushes alone.
     """
 
     def __init__(self, conn: Connection) -> None:

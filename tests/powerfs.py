@@ -6,6 +6,7 @@ Needs root (or fuse permissions), /dev/fuse and the Debian packages fuse3 and
 libfuse3-dev (scripts/setup.sh --dev installs them).
 """
 
+import atexit
 import contextlib
 import os
 import shutil
@@ -97,7 +98,9 @@ def mounted(backing, mountpoint, binary=None):
     global _built
     if binary is None:
         if _built is None:
-            _built = build(tempfile.mkdtemp(prefix="powerfs-build-"))
+            build_dir = tempfile.mkdtemp(prefix="powerfs-build-")
+            atexit.register(shutil.rmtree, build_dir, True)
+            _built = build(build_dir)
         binary = _built
     backing, mountpoint = os.path.abspath(backing), os.path.abspath(mountpoint)
     with tempfile.TemporaryFile() as log:

@@ -262,10 +262,10 @@ def cpu_seconds(pids: list[int]) -> float:
 
 
 def machine_busy_seconds() -> float:
-    """CPU time every core of the machine has spent not idle (nor waiting for I/O)."""
+    """CPU time every core of the machine has spent busy: not idle, waiting for I/O or stolen."""
     with open("/proc/stat") as f:
-        fields = [int(x) for x in f.readline().split()[1:]]
-    return (sum(fields[:8]) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")
+        fields = [int(x) for x in f.readline().split()[1:]]  # user nice system idle iowait ...
+    return (sum(fields[:7]) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")
 
 
 def wrk(url: str, seconds: float, post: bool, server_home: str | None = None) -> dict:

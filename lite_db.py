@@ -1548,8 +1548,7 @@ class WriteQueue:
 
     def _take_ticket(self) -> int | None:
         fd = self.fd
-        _ofd_lock(fd, fcntl.F_OFD_SETLKW, fcntl.F_WRLCK, 0, _QUEUE_TICKET.size)
-        try:
+        with _ofd_locked(fd, 0, _QUEUE_TICKET.size):
             raw = os.pread(fd, _QUEUE_TICKET.size, 0)
             ticket = _QUEUE_TICKET.unpack(raw)[0] if len(raw) == _QUEUE_TICKET.size else 0
             slot = _QUEUE_FIRST_SLOT + ticket % QUEUE_SLOTS
@@ -1558,8 +1557,6 @@ class WriteQueue:
             except BlockingIOError:
                 return None
             os.pwrite(fd, _QUEUE_TICKET.pack(ticket + 1), 0)
-        finally:
-            _ofd_lock(fd, fcntl.F_OFD_SETLK, fcntl.F_UNLCK, 0, _QUEUE_TICKET.size)
         self.slot = slot
         return ticket
 
@@ -1655,6 +1652,16 @@ def _ofd_lock(fd: int, command: int, lock_type: int, start: int, length: int = 1
     fcntl.fcntl(fd, command, _FLOCK.pack(lock_type, os.SEEK_SET, start, length, 0))
 
 
+@contextlib.contextmanager
+def _ofd_locked(fd: int, start: int, length: int) -> Iterator[None]:
+    """The write lock on `length` bytes from `start`, waited for, held for a few system calls."""
+    _ofd_lock(fd, fcntl.F_OFD_SETLKW, fcntl.F_WRLCK, start, length)
+    try:
+        yield
+    finally:
+        _ofd_lock(fd, fcntl.F_OFD_SETLK, fcntl.F_UNLCK, start, length)
+
+
 # ---- Group commit -----------------------------------------------------------
 
 
@@ -1709,7 +1716,7 @@ class GroupCommit:
             if fd is None:
                 self._flush()
                 return
-            with self._shared(fd):
+            with _ofd_locked(fd, *_GROUP_NUMBERS):
                 taken, flushed, flushing = self._read(fd)
                 number = taken + 1
                 os.pwrite(fd, _GROUP_COUNTER.pack(number), _GROUP_TAKEN_AT)
@@ -1719,7 +1726,7 @@ class GroupCommit:
                 # asleep in the kernel until it lets go (every waiter at once).
                 _ofd_lock(fd, fcntl.F_OFD_SETLKW, fcntl.F_RDLCK, _GROUP_FLUSH_LOCK)
                 _ofd_lock(fd, fcntl.F_OFD_SETLK, fcntl.F_UNLCK, _GROUP_FLUSH_LOCK)
-                with self._shared(fd):
+                with _ofd_locked(fd, *_GROUP_NUMBERS):
                     taken, flushed, flushing = self._read(fd)
                     if flushed >= number:
                         return
@@ -1731,11 +1738,11 @@ class GroupCommit:
             try:
                 self._flush()
             except BaseException:
-                with self._shared(fd):
+                with _ofd_locked(fd, *_GROUP_NUMBERS):
                     os.pwrite(fd, _GROUP_COUNTER.pack(0), _GROUP_FLUSHING_AT)
                     queue_.unlock(_GROUP_FLUSH_LOCK)
                 raise
-            with self._shared(fd):
+            with _ofd_locked(fd, *_GROUP_NUMBERS):
                 os.pwrite(fd, _GROUP_FLUSHED.pack(self.leading, 0), _GROUP_FLUSHED_AT)
                 queue_.unlock(_GROUP_FLUSH_LOCK)
         except OSError as exc:
@@ -1754,15 +1761,6 @@ class GroupCommit:
         os.pwrite(fd, _GROUP_COUNTER.pack(upto), _GROUP_FLUSHING_AT)
         self.leading = upto
         return True
-
-    @contextlib.contextmanager
-    def _shared(self, fd: int) -> Iterator[None]:
-        """The short lock on the shared numbers, for a few system calls."""
-        _ofd_lock(fd, fcntl.F_OFD_SETLKW, fcntl.F_WRLCK, *_GROUP_NUMBERS)
-        try:
-            yield
-        finally:
-            _ofd_lock(fd, fcntl.F_OFD_SETLK, fcntl.F_UNLCK, *_GROUP_NUMBERS)
 
     def _read(self, fd: int) -> tuple[int, int, int]:
         """(the highest number taken, the highest flushed, that of the flush under way or 0)."""

@@ -82,19 +82,25 @@ def test_without_its_file_the_queue_is_off_and_writes_go_on(counting, caplog):
 
 
 def test_processes_that_waited_in_line_leave_no_wal_behind_at_exit(db_path):
-    """The last connection to close removes -wal and -shm, a helper thread or not."""
+    """The last connection to close removes -wal and -shm, a helper thread or not.
+
+    The waiter (whose wait went through the helper thread) closes last, half
+    a second after the holder: two connections closing at the same moment
+    may each see the other still open, and SQLite then leaves the files.
+    """
     code = (
         "import sys, time, lite_db\n"
         "cur = lite_db.cursor(sys.argv[1])\n"
         "time.sleep(float(sys.argv[2]))\n"
         "lite_db.write(cur, lambda c: (c.execute('SELECT 1'), time.sleep(float(sys.argv[3]))))\n"
+        "time.sleep(float(sys.argv[4]))\n"
     )
     env = {**os.environ, "PYTHONPATH": os.path.dirname(os.path.dirname(__file__))}
 
     def python(*args):
         return subprocess.Popen([sys.executable, "-c", code, db_path, *args], env=env)
 
-    holder, waiter = python("0", "0.8"), python("0.3", "0")  # the waiter queues behind
+    holder, waiter = python("0", "0.8", "0"), python("0.3", "0", "0.5")  # the waiter queues
     try:
         assert holder.wait(30) == 0 and waiter.wait(30) == 0
     finally:

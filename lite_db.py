@@ -205,15 +205,17 @@ _FLOCK = struct.Struct("=hh4xqqi4x")
 _QUEUE_TICKET = struct.Struct("=Q")
 _QUEUE_FIRST_SLOT = 4096
 # Group commit's place in the same file (native order, under one short
-# lock): the highest number a commit took (bytes 8-15), the highest flushed
-# (16-23), the highest the flush under way covers, 0 if none (24-31); and
-# the flush lock's byte, held by the one connection flushing.
-_GROUP_COUNTER = struct.Struct("=Q")
-_GROUP_FLUSHED = struct.Struct("=QQ")  # flushed, flushing
-_GROUP_STATE = struct.Struct("=QQQ")
-_GROUP_TAKEN_AT, _GROUP_FLUSHED_AT, _GROUP_FLUSHING_AT = 8, 16, 24
-_GROUP_NUMBERS = (8, _GROUP_STATE.size)  # the short lock: start, length
-_GROUP_FLUSH_LOCK = 32
+# lock from byte 8): the highest number a commit took, the highest flushed,
+# the highest the flush under way covers (0 if none), 1 if a connection is
+# named to lead the next flush, and which of the two flush locks the flush
+# under way (or the last) holds, 0 or 1; then the flush locks' two bytes.
+_GROUP_STATE = struct.Struct("=QQQQQ")
+_GROUP_NUMBER = struct.Struct("=Q")
+_GROUP_BEGUN = struct.Struct("=QQQ")  # flushing, named, current
+_GROUP_ENDED = struct.Struct("=QQ")  # flushed, flushing
+_GROUP_TAKEN_AT, _GROUP_FLUSHED_AT, _GROUP_FLUSHING_AT, _GROUP_NAMED_AT = 8, 16, 24, 32
+_GROUP_NUMBERS = (_GROUP_TAKEN_AT, _GROUP_STATE.size)  # the short lock: start, length
+_GROUP_FLUSH_LOCKS = (48, 49)
 _SYNCHRONOUS_NAMES = {0: "OFF", 1: "NORMAL", 2: "FULL", 3: "EXTRA"}
 
 log = logging.getLogger(__name__)
@@ -1652,6 +1654,12 @@ def _ofd_lock(fd: int, command: int, lock_type: int, start: int, length: int = 1
     fcntl.fcntl(fd, command, _FLOCK.pack(lock_type, os.SEEK_SET, start, length, 0))
 
 
+def _sleep_until_free(fd: int, byte: int) -> None:
+    """Asleep in the kernel until the write lock on `byte` is let go (or its holder dies)."""
+    _ofd_lock(fd, fcntl.F_OFD_SETLKW, fcntl.F_RDLCK, byte)
+    _ofd_lock(fd, fcntl.F_OFD_SETLK, fcntl.F_UNLCK, byte)
+
+
 @contextlib.contextmanager
 def _ofd_locked(fd: int, start: int, length: int) -> Iterator[None]:
     """The write lock on `length` bytes from `start`, waited for, held for a few system calls."""
@@ -1677,14 +1685,20 @@ class GroupCommit:
 
     - each commit takes the next number, under a short lock on the shared
       numbers;
-    - if no flush is under way, it leads one: it records the highest number
-      taken as the flush's, takes the flush lock, fdatasyncs the -wal, then
+    - if no flush is under way, it leads one: it takes a flush lock, records
+      the highest number taken as the flush's, fdatasyncs the -wal, then
       records that number as flushed and lets go;
-    - if one is, it sleeps until its flusher lets go of the flush lock
-      (every sleeper wakes): its number is flushed, or the first to look
-      leads the next flush, for every number taken since, and the others
-      sleep through that one. If the flush lock is found free while a
-      flush is recorded under way, its flusher died, and the looker leads.
+    - if one is under way and no one is named to lead the next, it is named:
+      it takes the other flush lock, sleeps until the flush under way ends,
+      then leads the next flush, for every number taken by then;
+    - if a next flusher is named, it sleeps until that one's flush ends,
+      which began after its commit.
+
+    So one flush runs at a time, each writer sleeps once, and the commits
+    that return during a flush share the next. After every sleep the writer
+    looks again: its number flushed, it is done; a flush lock found free
+    while its flusher is recorded (under way or named) means that one died,
+    and the looker takes its place.
 
     The sleep is in the kernel, in the writer's own thread (a helper
     thread's hand-over costs more than the flush it waits for): it ends
@@ -1706,66 +1720,109 @@ class GroupCommit:
         self.conn = conn
         self.path = _file_of(conn.path)
         self.wal_fd: int | None = None  # the -wal, held from the first flush
-        self.leading = 0  # the highest number this connection's flush covers
+        self.lock: int | None = None  # the flush lock this connection holds
+        self.covers = 0  # the highest number its flush covers
 
     def wait(self, deadline: float) -> None:
         """Return once this connection's last commit is on disk; raise OutcomeUnknown if not."""
-        queue_ = self.conn.queue
-        fd = queue_.opened()
+        fd = self.conn.queue.opened()
         try:
             if fd is None:
                 self._flush()
                 return
             with _ofd_locked(fd, *_GROUP_NUMBERS):
-                taken, flushed, flushing = self._read(fd)
-                number = taken + 1
-                os.pwrite(fd, _GROUP_COUNTER.pack(number), _GROUP_TAKEN_AT)
-                leading = not flushing and self._lead(fd, number, deadline)
-            while not leading:
-                # A flush is under way, its flusher holding the flush lock:
-                # asleep in the kernel until it lets go (every waiter at once).
-                _ofd_lock(fd, fcntl.F_OFD_SETLKW, fcntl.F_RDLCK, _GROUP_FLUSH_LOCK)
-                _ofd_lock(fd, fcntl.F_OFD_SETLK, fcntl.F_UNLCK, _GROUP_FLUSH_LOCK)
+                state = self._read(fd)
+                number = state[0] + 1
+                os.pwrite(fd, _GROUP_NUMBER.pack(number), _GROUP_TAKEN_AT)
+                step = self._next_step(fd, state, deadline)
+            while step not in ("lead", "named"):
+                _sleep_until_free(fd, step)
                 with _ofd_locked(fd, *_GROUP_NUMBERS):
-                    taken, flushed, flushing = self._read(fd)
-                    if flushed >= number:
+                    state = self._read(fd)
+                    if state[1] >= number:
                         return
                     if time.monotonic() >= deadline:
                         raise TimeoutError("no flush of the WAL finished in time")
-                    # No flush under way, or its flusher died (the lock is free).
-                    if not flushing or queue_.try_lock(_GROUP_FLUSH_LOCK):
-                        leading = self._lead(fd, taken, deadline)
-            try:
-                self._flush()
-            except BaseException:
+                    step = self._next_step(fd, state, deadline, slept_on=step)
+            if step == "named":
+                # Asleep until the flush under way (holding the other lock) ends.
+                _sleep_until_free(fd, _GROUP_FLUSH_LOCKS[1 - _GROUP_FLUSH_LOCKS.index(self.lock)])
                 with _ofd_locked(fd, *_GROUP_NUMBERS):
-                    os.pwrite(fd, _GROUP_COUNTER.pack(0), _GROUP_FLUSHING_AT)
-                    queue_.unlock(_GROUP_FLUSH_LOCK)
-                raise
-            with _ofd_locked(fd, *_GROUP_NUMBERS):
-                os.pwrite(fd, _GROUP_FLUSHED.pack(self.leading, 0), _GROUP_FLUSHED_AT)
-                queue_.unlock(_GROUP_FLUSH_LOCK)
+                    self._begin(fd)
+            self._run_flush(fd)
         except OSError as exc:
             count(self.conn.figures, "write_failures")
             log.error("commit to %s not known to be on disk: %s", self.path, exc)
             raise OutcomeUnknown(f"commit not known to be on disk: {exc}") from exc
+        finally:
+            if self.lock is not None:  # interrupted while named or flushing
+                self.conn.queue.unlock(self.lock)
+                self.lock = None
 
-    def _lead(self, fd: int, upto: int, deadline: float) -> bool:
-        """Become the flusher of every number up to `upto` (under the short lock); True.
+    def _next_step(
+        self, fd: int, state: tuple[int, ...], deadline: float, slept_on: int | None = None
+    ) -> int | str:
+        """What a writer not yet flushed does next (under the short lock).
 
-        The flush lock is taken before the short lock is let go, so that a
-        flush recorded under way always has its lock held.
+        "lead": it holds a flush lock and has begun a flush, to run now;
+        "named": it holds the other flush lock, named to lead the flush
+        after the one under way; a lock byte: sleep until its holder lets
+        go, then look again.
         """
-        if not self.conn.queue.lock(_GROUP_FLUSH_LOCK, deadline):
-            raise TimeoutError("the flush lock was not free in time")
-        os.pwrite(fd, _GROUP_COUNTER.pack(upto), _GROUP_FLUSHING_AT)
-        self.leading = upto
-        return True
+        _, _, flushing, named, current = state
+        queue_ = self.conn.queue
+        under_way, other = _GROUP_FLUSH_LOCKS[current], _GROUP_FLUSH_LOCKS[1 - current]
+        if named:
+            # Found free after a sleep on it: the one named died; take its place.
+            if slept_on == other and queue_.try_lock(other):
+                self.lock = other
+                return "named"
+            return other
+        if flushing:
+            if queue_.try_lock(under_way):  # free: its flusher died
+                self.lock = under_way
+                self._begin(fd)
+                return "lead"
+            if queue_.try_lock(other):
+                self.lock = other
+                os.pwrite(fd, _GROUP_NUMBER.pack(1), _GROUP_NAMED_AT)
+                return "named"
+            return under_way  # the other is held for a moment by a sleeper
+        if queue_.try_lock(other):
+            self.lock = other
+        elif queue_.lock(under_way, deadline):  # sleepers on both, for a moment
+            self.lock = under_way
+        else:
+            raise TimeoutError("no flush lock was free in time")
+        self._begin(fd)
+        return "lead"
 
-    def _read(self, fd: int) -> tuple[int, int, int]:
-        """(the highest number taken, the highest flushed, that of the flush under way or 0)."""
+    def _begin(self, fd: int) -> None:
+        """Record a flush under way of every number taken, under self.lock (short lock held)."""
+        self.covers = self._read(fd)[0]
+        current = _GROUP_FLUSH_LOCKS.index(self.lock)
+        os.pwrite(fd, _GROUP_BEGUN.pack(self.covers, 0, current), _GROUP_FLUSHING_AT)
+
+    def _run_flush(self, fd: int) -> None:
+        """Run the flush begun; record it flushed (if it failed: not under way); let go."""
+        try:
+            self._flush()
+        except BaseException:
+            self._end_flush(fd, flushed=0)
+            raise
+        self._end_flush(fd, flushed=self.covers)
+
+    def _end_flush(self, fd: int, flushed: int) -> None:
+        with _ofd_locked(fd, *_GROUP_NUMBERS):
+            flushed = max(self._read(fd)[1], flushed)
+            os.pwrite(fd, _GROUP_ENDED.pack(flushed, 0), _GROUP_FLUSHED_AT)
+            self.conn.queue.unlock(self.lock)
+            self.lock = None
+
+    def _read(self, fd: int) -> tuple[int, ...]:
+        """(taken, flushed, flushing or 0, 1 if a next flusher is named, current flush lock 0/1)."""
         raw = os.pread(fd, _GROUP_STATE.size, _GROUP_TAKEN_AT)
-        return _GROUP_STATE.unpack(raw) if len(raw) == _GROUP_STATE.size else (0, 0, 0)
+        return _GROUP_STATE.unpack(raw) if len(raw) == _GROUP_STATE.size else (0, 0, 0, 0, 0)
 
     def _flush(self) -> None:
         """fdatasync the -wal; raises OSError, after refusing the database's writes.

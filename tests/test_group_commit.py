@@ -136,15 +136,11 @@ def test_a_flush_that_does_not_finish_in_time_is_outcome_unknown(group, db_path,
     monkeypatch.setattr(lite_db, "LOCK_BUDGET_MS", 200)
     cur = lite_db.cursor(db_path)
     lite_counters.increment(cur, "hits")
-    # Another connection flushing, for ever: it holds the flush lock.
+    # Other connections holding both flush locks, for ever.
     holder = os.open(db_path + lite_db.QUEUE_SUFFIX, os.O_RDWR)
     try:
-        lite_db._ofd_lock(
-            holder,
-            lite_db.fcntl.F_OFD_SETLK,
-            lite_db.fcntl.F_WRLCK,
-            lite_db._GROUP_FLUSH_LOCK,
-        )
+        for lock in lite_db._GROUP_FLUSH_LOCKS:
+            lite_db._ofd_lock(holder, lite_db.fcntl.F_OFD_SETLK, lite_db.fcntl.F_WRLCK, lock)
         with pytest.raises(lite_db.OutcomeUnknown):
             lite_counters.increment(cur, "hits")
     finally:
@@ -179,6 +175,22 @@ def test_a_flush_whose_flusher_died_is_led_by_the_next_writer(group, db_path, hi
     before = lite_db.figures()["flushes"]
     assert lite_counters.increment(cur, "hits") == ("hits", 2)
     assert lite_db.figures()["flushes"] == before + 1
+
+
+def test_a_flush_whose_named_leader_died_is_led_by_the_next_writer(group, db_path, hits):
+    cur = lite_db.cursor(db_path)
+    lite_counters.increment(cur, "hits")
+    # A flush under way and one named to lead the next, both gone (both locks free).
+    queue_file = os.open(db_path + lite_db.QUEUE_SUFFIX, os.O_RDWR)
+    try:
+        taken = int.from_bytes(os.pread(queue_file, 8, 8), "little")
+        os.pwrite(queue_file, (taken + 5).to_bytes(8, "little") + (1).to_bytes(8, "little"), 24)
+    finally:
+        os.close(queue_file)
+    before = lite_db.figures()["flushes"]
+    assert lite_counters.increment(cur, "hits") == ("hits", 2)
+    assert lite_db.figures()["flushes"] == before + 1
+    assert lite_counters.increment(cur, "hits") == ("hits", 3)
 
 
 def test_stats_say_group(group, app):

@@ -208,7 +208,8 @@ _QUEUE_FIRST_SLOT = 4096
 # lock from byte 8): the highest number a commit took, the highest flushed,
 # the highest the flush under way covers (0 if none), 1 if a connection is
 # named to lead the next flush, and which of the two flush locks the flush
-# under way (or the last) holds, 0 or 1; then the flush locks' two bytes.
+# under way (or the last) holds, 0 or 1; then the flush locks' two bytes,
+# and for each a byte that is 1 once the last flush under it succeeded.
 _GROUP_STATE = struct.Struct("=QQQQQ")
 _GROUP_NUMBER = struct.Struct("=Q")
 _GROUP_BEGUN = struct.Struct("=QQQ")  # flushing, named, current
@@ -216,6 +217,7 @@ _GROUP_ENDED = struct.Struct("=QQ")  # flushed, flushing
 _GROUP_TAKEN_AT, _GROUP_FLUSHED_AT, _GROUP_FLUSHING_AT, _GROUP_NAMED_AT = 8, 16, 24, 32
 _GROUP_NUMBERS = (_GROUP_TAKEN_AT, _GROUP_STATE.size)  # the short lock: start, length
 _GROUP_FLUSH_LOCKS = (48, 49)
+_GROUP_SUCCEEDED = {48: 56, 49: 57}  # flush lock: its byte
 _SYNCHRONOUS_NAMES = {0: "OFF", 1: "NORMAL", 2: "FULL", 3: "EXTRA"}
 
 log = logging.getLogger(__name__)
@@ -1654,10 +1656,17 @@ def _ofd_lock(fd: int, command: int, lock_type: int, start: int, length: int = 1
     fcntl.fcntl(fd, command, _FLOCK.pack(lock_type, os.SEEK_SET, start, length, 0))
 
 
-def _sleep_until_free(fd: int, byte: int) -> None:
-    """Asleep in the kernel until the write lock on `byte` is let go (or its holder dies)."""
+def _sleep_until_free(fd: int, byte: int) -> bool:
+    """Asleep until group commit's flush lock `byte` is let go (or its holder dies).
+
+    True if the last flush under that lock succeeded: read while the lock is
+    held for reading, so no other flush under it can begin meanwhile.
+    """
     _ofd_lock(fd, fcntl.F_OFD_SETLKW, fcntl.F_RDLCK, byte)
-    _ofd_lock(fd, fcntl.F_OFD_SETLK, fcntl.F_UNLCK, byte)
+    try:
+        return os.pread(fd, 1, _GROUP_SUCCEEDED[byte]) == b"\1"
+    finally:
+        _ofd_lock(fd, fcntl.F_OFD_SETLK, fcntl.F_UNLCK, byte)
 
 
 @contextlib.contextmanager
@@ -1722,6 +1731,7 @@ class GroupCommit:
         self.wal_fd: int | None = None  # the -wal, held from the first flush
         self.lock: int | None = None  # the flush lock this connection holds
         self.covers = 0  # the highest number its flush covers
+        self.named_lock_slept_on = False
 
     def wait(self, deadline: float) -> None:
         """Return once this connection's last commit is on disk; raise OutcomeUnknown if not."""
@@ -1736,7 +1746,8 @@ class GroupCommit:
                 os.pwrite(fd, _GROUP_NUMBER.pack(number), _GROUP_TAKEN_AT)
                 step = self._next_step(fd, state, deadline)
             while step not in ("lead", "named"):
-                _sleep_until_free(fd, step)
+                if _sleep_until_free(fd, step) and self.named_lock_slept_on:
+                    return  # the named one's flush, begun after this commit, succeeded
                 with _ofd_locked(fd, *_GROUP_NUMBERS):
                     state = self._read(fd)
                     if state[1] >= number:
@@ -1767,16 +1778,18 @@ class GroupCommit:
         "lead": it holds a flush lock and has begun a flush, to run now;
         "named": it holds the other flush lock, named to lead the flush
         after the one under way; a lock byte: sleep until its holder lets
-        go, then look again.
+        go, then look again (self.named_lock_slept_on: it is the named
+        one's, whose flush will begin after this writer's commit).
         """
         _, _, flushing, named, current = state
         queue_ = self.conn.queue
         under_way, other = _GROUP_FLUSH_LOCKS[current], _GROUP_FLUSH_LOCKS[1 - current]
+        self.named_lock_slept_on = False
         if named:
             # Found free after a sleep on it: the one named died; take its place.
             if slept_on == other and queue_.try_lock(other):
-                self.lock = other
-                return "named"
+                return self._named(fd, other)
+            self.named_lock_slept_on = True
             return other
         if flushing:
             if queue_.try_lock(under_way):  # free: its flusher died
@@ -1784,9 +1797,7 @@ class GroupCommit:
                 self._begin(fd)
                 return "lead"
             if queue_.try_lock(other):
-                self.lock = other
-                os.pwrite(fd, _GROUP_NUMBER.pack(1), _GROUP_NAMED_AT)
-                return "named"
+                return self._named(fd, other)
             return under_way  # the other is held for a moment by a sleeper
         if queue_.try_lock(other):
             self.lock = other
@@ -1797,11 +1808,19 @@ class GroupCommit:
         self._begin(fd)
         return "lead"
 
+    def _named(self, fd: int, lock: int) -> str:
+        """Be named to lead the next flush, holding `lock` (under the short lock)."""
+        self.lock = lock
+        os.pwrite(fd, b"\0", _GROUP_SUCCEEDED[lock])  # not yet: a flush to come
+        os.pwrite(fd, _GROUP_NUMBER.pack(1), _GROUP_NAMED_AT)
+        return "named"
+
     def _begin(self, fd: int) -> None:
         """Record a flush under way of every number taken, under self.lock (short lock held)."""
         self.covers = self._read(fd)[0]
         current = _GROUP_FLUSH_LOCKS.index(self.lock)
         os.pwrite(fd, _GROUP_BEGUN.pack(self.covers, 0, current), _GROUP_FLUSHING_AT)
+        os.pwrite(fd, b"\0", _GROUP_SUCCEEDED[self.lock])
 
     def _run_flush(self, fd: int) -> None:
         """Run the flush begun; record it flushed (if it failed: not under way); let go."""
@@ -1814,6 +1833,8 @@ class GroupCommit:
 
     def _end_flush(self, fd: int, flushed: int) -> None:
         with _ofd_locked(fd, *_GROUP_NUMBERS):
+            if flushed:
+                os.pwrite(fd, b"\1", _GROUP_SUCCEEDED[self.lock])
             flushed = max(self._read(fd)[1], flushed)
             os.pwrite(fd, _GROUP_ENDED.pack(flushed, 0), _GROUP_FLUSHED_AT)
             self.conn.queue.unlock(self.lock)

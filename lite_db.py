@@ -206,13 +206,15 @@ _QUEUE_TICKET = struct.Struct("=Q")
 _QUEUE_FIRST_SLOT = 4096
 # Group commit's place in the same file (native order, under one short
 # lock from byte 8): the highest number a commit took, the highest flushed,
-# the highest the flush under way covers (0 if none), 1 if a connection is
-# named to lead the next flush, and which of the two flush locks the flush
-# under way (or the last) holds, 0 or 1; then the flush locks' two bytes,
-# and for each a byte that is 1 once the last flush under it succeeded.
-_GROUP_STATE = struct.Struct("=QQQQQ")
+# the highest the flush under way covers (0 if none); a byte naming the
+# flush lock of the one named to lead the next flush (1 or 2, 0 if none:
+# one byte, so that it can be read without the short lock) and one saying
+# which flush lock the flush under way (or the last) holds (0 or 1). Then
+# the two flush locks' bytes, and for each a byte that is 1 once the last
+# flush under it succeeded.
+_GROUP_STATE = struct.Struct("=QQQBB")  # taken, flushed, flushing, named, current
 _GROUP_NUMBER = struct.Struct("=Q")
-_GROUP_BEGUN = struct.Struct("=QQQ")  # flushing, named, current
+_GROUP_BEGUN = struct.Struct("=QBB")  # flushing, named, current
 _GROUP_ENDED = struct.Struct("=QQ")  # flushed, flushing
 _GROUP_TAKEN_AT, _GROUP_FLUSHED_AT, _GROUP_FLUSHING_AT, _GROUP_NAMED_AT = 8, 16, 24, 32
 _GROUP_NUMBERS = (_GROUP_TAKEN_AT, _GROUP_STATE.size)  # the short lock: start, length
@@ -1740,11 +1742,20 @@ class GroupCommit:
             if fd is None:
                 self._flush()
                 return
+            # First a look without the short lock: if someone is named to
+            # lead the next flush, it has not begun, so it will begin after
+            # this commit. Sleep until its flush ends; done if it succeeded.
+            named = os.pread(fd, 1, _GROUP_NAMED_AT)
+            slept_on = None
+            if named not in (b"", b"\0"):
+                slept_on = _GROUP_FLUSH_LOCKS[named[0] - 1]
+                if _sleep_until_free(fd, slept_on):
+                    return
             with _ofd_locked(fd, *_GROUP_NUMBERS):
                 state = self._read(fd)
                 number = state[0] + 1
                 os.pwrite(fd, _GROUP_NUMBER.pack(number), _GROUP_TAKEN_AT)
-                step = self._next_step(fd, state, deadline)
+                step = self._next_step(fd, state, deadline, slept_on)
             while step not in ("lead", "named"):
                 if _sleep_until_free(fd, step) and self.named_lock_slept_on:
                     return  # the named one's flush, begun after this commit, succeeded
@@ -1786,11 +1797,12 @@ class GroupCommit:
         under_way, other = _GROUP_FLUSH_LOCKS[current], _GROUP_FLUSH_LOCKS[1 - current]
         self.named_lock_slept_on = False
         if named:
+            named_lock = _GROUP_FLUSH_LOCKS[named - 1]
             # Found free after a sleep on it: the one named died; take its place.
-            if slept_on == other and queue_.try_lock(other):
-                return self._named(fd, other)
+            if slept_on == named_lock and queue_.try_lock(named_lock):
+                return self._named(fd, named_lock)
             self.named_lock_slept_on = True
-            return other
+            return named_lock
         if flushing:
             if queue_.try_lock(under_way):  # free: its flusher died
                 self.lock = under_way
@@ -1812,7 +1824,7 @@ class GroupCommit:
         """Be named to lead the next flush, holding `lock` (under the short lock)."""
         self.lock = lock
         os.pwrite(fd, b"\0", _GROUP_SUCCEEDED[lock])  # not yet: a flush to come
-        os.pwrite(fd, _GROUP_NUMBER.pack(1), _GROUP_NAMED_AT)
+        os.pwrite(fd, bytes([_GROUP_FLUSH_LOCKS.index(lock) + 1]), _GROUP_NAMED_AT)
         return "named"
 
     def _begin(self, fd: int) -> None:
@@ -1841,7 +1853,7 @@ class GroupCommit:
             self.lock = None
 
     def _read(self, fd: int) -> tuple[int, ...]:
-        """(taken, flushed, flushing or 0, 1 if a next flusher is named, current flush lock 0/1)."""
+        """(taken, flushed, flushing or 0, the named one's flush lock 1/2 or 0, current 0/1)."""
         raw = os.pread(fd, _GROUP_STATE.size, _GROUP_TAKEN_AT)
         return _GROUP_STATE.unpack(raw) if len(raw) == _GROUP_STATE.size else (0, 0, 0, 0, 0)
 

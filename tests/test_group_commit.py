@@ -183,8 +183,13 @@ def test_a_flush_whose_named_leader_died_is_led_by_the_next_writer(group, db_pat
     # A flush under way and one named to lead the next, both gone (both locks free).
     queue_file = os.open(db_path + lite_db.QUEUE_SUFFIX, os.O_RDWR)
     try:
-        taken = int.from_bytes(os.pread(queue_file, 8, 8), "little")
-        os.pwrite(queue_file, (taken + 5).to_bytes(8, "little") + (1).to_bytes(8, "little"), 24)
+        raw = os.pread(queue_file, lite_db._GROUP_STATE.size, lite_db._GROUP_TAKEN_AT)
+        taken, flushed, _, _, current = lite_db._GROUP_STATE.unpack(raw)
+        named = 2 - current  # the other flush lock, numbered from 1
+        state = lite_db._GROUP_STATE.pack(taken, flushed, taken + 5, named, current)
+        os.pwrite(queue_file, state, lite_db._GROUP_TAKEN_AT)
+        named_lock = lite_db._GROUP_FLUSH_LOCKS[named - 1]
+        os.pwrite(queue_file, b"\0", lite_db._GROUP_SUCCEEDED[named_lock])  # as naming does
     finally:
         os.close(queue_file)
     before = lite_db.figures()["flushes"]

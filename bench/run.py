@@ -4,7 +4,8 @@
 
 Installs lite with serve.sh into a scratch LITE_HOME, adds the benchmark's own
 apps beside lite_app.py, and in each round serves, one after another, with
-the same lite.conf (processes=20 threads=1; FastAPI, being ASGI, under uvicorn):
+the same lite.conf (processes=20 threads=1, or --processes N; FastAPI, being ASGI,
+under uvicorn):
 
 - hello       bench/hello_app.py: a constant, the server's ceiling
 - minimal     bench/minimal_app.py: the least SQLite work a counter can be (one
@@ -13,6 +14,9 @@ the same lite.conf (processes=20 threads=1; FastAPI, being ASGI, under uvicorn):
 - minimal-full  and lite-full: the same two with synchronous=FULL
 - lite-group  lite_app.py with group commit (LITE_SYNCHRONOUS=GROUP): each
               increment acknowledged once on disk, one flush for many
+- lite-wait   lite_app.py whose every increment, after its commit, sleeps as
+              long as one flush and flushes nothing: what waiting for a
+              flush costs any design, the most lite-group could reach
 - naive       bench/naive_app.py: a connection per request, SELECT then UPDATE
 - lite-prev   with --baseline REV: lite as it was at git revision REV (its own
               database), to compare a change with what it replaces
@@ -97,6 +101,7 @@ APPS = [
     ("minimal-full", "minimal_app.py", "FULL"),
     ("lite-full", "lite_app.py", "FULL"),
     ("lite-group", "lite_app.py", "GROUP"),
+    ("lite-wait", "lite_wait_app.py", "GROUP"),
     ("naive", "naive_app.py", "NORMAL"),
     ("lite-prev", "lite_prev_app.py", "NORMAL"),
     ("django", "django_stock_wsgi.py", "NORMAL"),
@@ -111,7 +116,8 @@ APPS = [
 COMPARED = {
     "lite": ("minimal", "lite-prev"),
     "lite-full": ("minimal-full",),
-    "lite-group": ("lite", "lite-full"),
+    "lite-group": ("lite", "lite-full", "lite-wait"),
+    "lite-wait": ("lite",),
     "django-lite": ("django",),
     "lite-pg": ("lite",),
     "fastapi-lite": ("fastapi",),
@@ -184,6 +190,16 @@ application = lite_app.application
 # The WSGI script that serves lite on the bench's private PostgreSQL.
 PG_APP = """import os
 os.environ["LITE_DATABASE_URL"] = {url!r}
+import lite_app
+application = lite_app.application
+"""
+# lite-wait: lite whose every increment, after its commit, sleeps as long as
+# one flush (this disk's, plus SLOW_FLUSH_MS) and flushes nothing.
+WAIT_APP = """import os
+import time
+import lite_db
+FLUSH_S = {flush_s!r} + float(os.environ.get("SLOW_FLUSH_MS", 0)) / 1000
+lite_db.GroupCommit.wait = lambda self, deadline: time.sleep(FLUSH_S)
 import lite_app
 application = lite_app.application
 """
@@ -634,10 +650,18 @@ def scratch_env(home: str, port: int) -> dict:
 
 
 def prepare(
-    home: str, env: dict, baseline: str | None, django: bool, postgres: bool, sqla: list[str]
+    home: str,
+    env: dict,
+    baseline: str | None,
+    django: bool,
+    postgres: bool,
+    sqla: list[str],
+    flush_s: float = 0.0,
 ) -> None:
     run([os.path.join(ROOT, "serve.sh"), "install"], env=env)
     app = os.path.join(home, "app")
+    with open(os.path.join(app, "lite_wait_app.py"), "w") as out:
+        out.write(WAIT_APP.format(flush_s=flush_s))
     if postgres:
         install_postgres(home, env)
     for name in ("hello_app.py", "minimal_app.py", "naive_app.py"):
@@ -851,7 +875,7 @@ def table(summary: dict, alone: list[dict], bounds: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def chart(summary: dict, path: str) -> None:
+def chart(summary: dict, path: str, processes: int) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -879,7 +903,7 @@ def chart(summary: dict, path: str) -> None:
             )
     ax.set_xticks(range(len(apps)), apps)
     ax.set_ylabel("requests/s (wrk, 20 connections, median of rounds)")
-    title = "Apache + mod_wsgi, processes=20 threads=1"
+    title = f"Apache + mod_wsgi, processes={processes} threads=1"
     if set(apps) & set(UVICORN_APPS):
         title += f"; fastapi*: uvicorn --workers {UVICORN_WORKERS}"
     ax.set_title(title)
@@ -903,6 +927,12 @@ def main(argv: list[str]) -> int:
     )
     parser.add_argument("--no-sqlite-alone", action="store_true", help="skip SQLite alone")
     parser.add_argument(
+        "--processes",
+        type=int,
+        default=20,
+        help="Apache's mod_wsgi daemons, 1 thread each (20, as lite.conf)",
+    )
+    parser.add_argument(
         "--flush-delays",
         default="",
         help="comma-separated ms each flush also takes, beside 0 (e.g. 1,5)",
@@ -921,7 +951,7 @@ def main(argv: list[str]) -> int:
     os.chmod(home, 0o755)
     rc = os.path.join(ROOT, "siegerc")
     postgres = any(app[0] == "lite-pg" for app in apps)
-    env = scratch_env(home, args.port)
+    env = scratch_env(home, args.port) | {"LITE_PROCESSES": str(args.processes)}
     delays = [0.0] + [float(d) for d in args.flush_delays.split(",") if d]
     rounds = []
     flush_s = flush_seconds(home)
@@ -933,6 +963,7 @@ def main(argv: list[str]) -> int:
             any(app[0] in DJANGO_APPS for app in apps),
             postgres,
             [app[0] for app in apps if app[0] in SQLA_APPS],
+            flush_s,
         )
         slow_flush = build_slow_flush(home) if len(delays) > 1 else ""
         served_rows = [
@@ -985,7 +1016,7 @@ def main(argv: list[str]) -> int:
         json.dump(report, f, indent=1)
     with open(os.path.join(args.out, "results.md"), "w") as f:
         f.write(table(summary, alone, bounds))
-    chart(summary, os.path.join(args.out, "results.png"))
+    chart(summary, os.path.join(args.out, "results.png"), args.processes)
     print(table(summary, alone, bounds))
     return 0
 

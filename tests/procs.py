@@ -172,3 +172,61 @@ def increment_and_record_flushes(db_path, ready, writes, flush_delay_s):
     ready.wait(60)
     values = [lite_counters.increment(cur, "hits", 1)[1] for _ in range(writes)]
     return values, flushes, waits
+
+
+def increment_logging_group_commit(db_path, ready, writes, flush_delay_s, log_path, stall_s=0.0):
+    """Increments with group commit, logging each step to `log_path` as it happens.
+
+    Each flush takes `flush_delay_s`. Lines, appended whole (O_APPEND),
+    times in time.monotonic() seconds: "named PID", "began PID T",
+    "flushed PID BEGAN ENDED", "acked PID COMMITTED ACKED VALUE". `writes`
+    None: until killed. `stall_s`: once named, this process stalls that long
+    after the flush under way ends, before its own begins (a moment in
+    which to kill a named writer). Returns the values acknowledged.
+    """
+    os.environ["LITE_SYNCHRONOUS"] = "GROUP"
+    log = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    pid = os.getpid()
+    fdatasync, wait = os.fdatasync, lite_db.GroupCommit.wait
+    named, sleep_until_free = lite_db.GroupCommit._named, lite_db._sleep_until_free
+    state = {"named": False, "committed": 0.0}
+
+    def line(*fields):
+        os.write(log, (" ".join(map(str, fields)) + "\n").encode())
+
+    def slow_fdatasync(fd):
+        began = time.monotonic()
+        line("began", pid, began)
+        fdatasync(fd)
+        time.sleep(flush_delay_s)
+        line("flushed", pid, began, time.monotonic())
+
+    def logged_named(self, fd, lock):
+        state["named"] = True
+        step = named(self, fd, lock)
+        line("named", pid)
+        return step
+
+    def stalling_sleep(fd, byte):
+        succeeded = sleep_until_free(fd, byte)
+        if state["named"]:
+            state["named"] = False
+            time.sleep(stall_s)
+        return succeeded
+
+    def timed_wait(self, deadline):
+        state["committed"] = time.monotonic()
+        wait(self, deadline)
+
+    os.fdatasync = slow_fdatasync
+    lite_db.GroupCommit._named = logged_named
+    lite_db._sleep_until_free = stalling_sleep
+    lite_db.GroupCommit.wait = timed_wait
+    cur = lite_db.cursor(db_path)
+    ready.wait(60)
+    values = []
+    while writes is None or len(values) < writes:
+        value = lite_counters.increment(cur, "hits", 1)[1]
+        line("acked", pid, state["committed"], time.monotonic(), value)
+        values.append(value)
+    return values

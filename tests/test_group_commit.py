@@ -4,7 +4,9 @@ that began after its commit has finished; one flush serves many commits."""
 import errno
 import itertools
 import os
+import signal
 import threading
+import time
 
 import procs
 import pytest
@@ -196,6 +198,61 @@ def test_a_flush_whose_named_leader_died_is_led_by_the_next_writer(group, db_pat
     assert lite_counters.increment(cur, "hits") == ("hits", 2)
     assert lite_db.figures()["flushes"] == before + 1
     assert lite_counters.increment(cur, "hits") == ("hits", 3)
+
+
+def test_writers_killed_flushing_or_named_hold_no_one_up(group, db_path, hits, tmp_path):
+    """Two writers SIGKILLed, one in the middle of its flush, one named to
+    lead the next: the four others take their places, make every write, and
+    each of theirs is acknowledged only after a flush that began after its
+    commit; flushes never overlap."""
+    log_path = str(tmp_path / "steps.log")
+    ready = procs.barrier(7)  # six writers and this test
+    survivors, results = procs.start(
+        procs.increment_logging_group_commit, [(db_path, ready, 80, 0.005, log_path)] * 4
+    )
+    victims, _ = procs.start(
+        procs.increment_logging_group_commit, [(db_path, ready, None, 0.2, log_path, 0.2)] * 2
+    )
+    flusher, named = victims
+    kill_at = (("flusher", flusher, "began"), ("named", named, "named"))
+    killed = {}
+
+    def steps():
+        with open(log_path) as f:
+            return [line.split() for line in f.read().split("\n")[:-1]]  # whole lines only
+
+    try:
+        ready.wait(60)
+        deadline = time.monotonic() + 60
+        while len(killed) < 2 and time.monotonic() < deadline:
+            for kind, pid, *_ in steps():
+                for role, victim, step in kill_at:
+                    if kind == step and int(pid) == victim.pid and role not in killed:
+                        os.kill(victim.pid, signal.SIGKILL)
+                        killed[role] = victim.pid
+            time.sleep(0.001)
+        values = procs.finish(survivors, results, timeout_s=120)
+    finally:
+        for victim in victims:
+            victim.kill()  # by PID
+            victim.join(10)
+    assert set(killed) == {"flusher", "named"}
+    log = steps()
+    last_step = {pid: [kind for kind, p, *_ in log if int(p) == pid][-1] for pid in killed.values()}
+    assert last_step == {flusher.pid: "began", named.pid: "named"}, "not killed where meant"
+    flushes = sorted((float(s[2]), float(s[3])) for s in log if s[0] == "flushed")
+    for (_, ended), (began, _) in itertools.pairwise(flushes):
+        assert began >= ended, "two flushes at once"
+    survivor_pids = {str(p.pid) for p in survivors}
+    acks = [(float(s[2]), float(s[3])) for s in log if s[0] == "acked" and s[1] in survivor_pids]
+    assert len(acks) == 4 * 80
+    for committed, acknowledged in acks:
+        assert any(committed <= b and e <= acknowledged for b, e in flushes), (
+            "a write acknowledged before a flush that began after its commit"
+        )
+    acked = [v for survivor in values for v in survivor]
+    assert len(set(acked)) == len(acked) == 4 * 80
+    assert max(acked) <= hits.execute("SELECT value FROM counters").fetchone()[0]
 
 
 def test_stats_say_group(group, app):

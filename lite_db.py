@@ -1694,22 +1694,26 @@ class GroupCommit:
     threads of a database share the count through the write queue's file
     (a connection's own descriptor and OFD locks, as the queue's):
 
-    - each commit takes the next number, under a short lock on the shared
-      numbers;
-    - if no flush is under way, it leads one: it takes a flush lock, records
-      the highest number taken as the flush's, fdatasyncs the -wal, then
-      records that number as flushed and lets go;
-    - if one is under way and no one is named to lead the next, it is named:
-      it takes the other flush lock, sleeps until the flush under way ends,
-      then leads the next flush, for every number taken by then;
-    - if a next flusher is named, it sleeps until that one's flush ends,
-      which began after its commit.
+    - if someone is named to lead the next flush (one byte, read without
+      any lock), that flush has not begun: it will cover this commit. The
+      writer sleeps until the named one lets go of its flush lock and
+      reads, while holding that lock for reading, whether its flush
+      succeeded (a byte per flush lock, cleared when one is named, set
+      when its flush succeeds); if so, it is done;
+    - otherwise it takes the next number, under a short lock on the shared
+      numbers, and if no flush is under way, leads one: it takes a flush
+      lock, records the highest number taken as the flush's, fdatasyncs
+      the -wal, then records that number as flushed and lets go;
+    - if one is under way and no one is named, it is named: it takes the
+      other flush lock, sleeps until the flush under way ends, then leads
+      the next flush, for every number taken by then.
 
-    So one flush runs at a time, each writer sleeps once, and the commits
-    that return during a flush share the next. After every sleep the writer
-    looks again: its number flushed, it is done; a flush lock found free
-    while its flusher is recorded (under way or named) means that one died,
-    and the looker takes its place.
+    So one flush runs at a time, nearly every writer sleeps once and takes
+    no short lock, and the commits that return during a flush share the
+    next. After a sleep that did not end in a success it knows of, the
+    writer looks again under the short lock: its number flushed, it is
+    done; a flush lock found free while its holder is recorded (flushing
+    or named) means that one died, and the looker takes its place.
 
     The sleep is in the kernel, in the writer's own thread (a helper
     thread's hand-over costs more than the flush it waits for): it ends

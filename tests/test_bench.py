@@ -34,8 +34,9 @@ def run_bench(script, args, out):
     )
 
 
-# Each app is served by 4 daemons, not lite.conf's 20: each imports its app
-# at its first request, and 20 doing so for 15 apps take minutes of 2 cores.
+# Each app is served by 4 daemons, not lite.conf's 20: each daemon imports
+# its app at its first request, and 20 doing so for each of 15 apps cost
+# this 2-core machine some 40 s more.
 SMOKE = ["--seconds", "1", "--rounds", "1", "--siege-requests", "3", "--processes", "4"]
 
 

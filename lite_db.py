@@ -1737,7 +1737,6 @@ class GroupCommit:
         self.wal_fd: int | None = None  # the -wal, held from the first flush
         self.lock: int | None = None  # the flush lock this connection holds
         self.covers = 0  # the highest number its flush covers
-        self.named_lock_slept_on = False
 
     def wait(self, deadline: float) -> None:
         """Return once this connection's last commit is on disk; raise OutcomeUnknown if not."""
@@ -1759,9 +1758,9 @@ class GroupCommit:
                 state = self._read(fd)
                 number = state[0] + 1
                 os.pwrite(fd, _GROUP_NUMBER.pack(number), _GROUP_TAKEN_AT)
-                step = self._next_step(fd, state, deadline, slept_on)
+                step, covering = self._next_step(fd, state, deadline, slept_on)
             while step not in ("lead", "named"):
-                if _sleep_until_free(fd, step) and self.named_lock_slept_on:
+                if _sleep_until_free(fd, step) and covering:
                     return  # the named one's flush, begun after this commit, succeeded
                 with _ofd_locked(fd, *_GROUP_NUMBERS):
                     state = self._read(fd)
@@ -1769,7 +1768,7 @@ class GroupCommit:
                         return
                     if time.monotonic() >= deadline:
                         raise TimeoutError("no flush of the WAL finished in time")
-                    step = self._next_step(fd, state, deadline, slept_on=step)
+                    step, covering = self._next_step(fd, state, deadline, slept_on=step)
             if step == "named":
                 # Asleep until the flush under way (holding the other lock) ends.
                 _sleep_until_free(fd, _GROUP_FLUSH_LOCKS[1 - _GROUP_FLUSH_LOCKS.index(self.lock)])
@@ -1787,34 +1786,33 @@ class GroupCommit:
 
     def _next_step(
         self, fd: int, state: tuple[int, ...], deadline: float, slept_on: int | None = None
-    ) -> int | str:
-        """What a writer not yet flushed does next (under the short lock).
+    ) -> tuple[int | str, bool]:
+        """What a writer not yet flushed does next (under the short lock), and whether
+        the flush it then waits for will cover its commit.
 
         "lead": it holds a flush lock and has begun a flush, to run now;
         "named": it holds the other flush lock, named to lead the flush
         after the one under way; a lock byte: sleep until its holder lets
-        go, then look again (self.named_lock_slept_on: it is the named
-        one's, whose flush will begin after this writer's commit).
+        go, then look again (covering: it is the named one's, whose flush
+        will begin after this writer's commit).
         """
         _, _, flushing, named, current = state
         queue_ = self.conn.queue
         under_way, other = _GROUP_FLUSH_LOCKS[current], _GROUP_FLUSH_LOCKS[1 - current]
-        self.named_lock_slept_on = False
         if named:
             named_lock = _GROUP_FLUSH_LOCKS[named - 1]
             # Found free after a sleep on it: the one named died; take its place.
             if slept_on == named_lock and queue_.try_lock(named_lock):
-                return self._named(fd, named_lock)
-            self.named_lock_slept_on = True
-            return named_lock
+                return self._named(fd, named_lock), False
+            return named_lock, True
         if flushing:
             if queue_.try_lock(under_way):  # free: its flusher died
                 self.lock = under_way
                 self._begin(fd)
-                return "lead"
+                return "lead", False
             if queue_.try_lock(other):
-                return self._named(fd, other)
-            return under_way  # the other is held for a moment by a sleeper
+                return self._named(fd, other), False
+            return under_way, False  # the other is held for a moment by a sleeper
         if queue_.try_lock(other):
             self.lock = other
         elif queue_.lock(under_way, deadline):  # sleepers on both, for a moment
@@ -1822,7 +1820,7 @@ class GroupCommit:
         else:
             raise TimeoutError("no flush lock was free in time")
         self._begin(fd)
-        return "lead"
+        return "lead", False
 
     def _named(self, fd: int, lock: int) -> str:
         """Be named to lead the next flush, holding `lock` (under the short lock)."""

@@ -4,7 +4,7 @@
 
 Installs lite with serve.sh into a scratch LITE_HOME, adds the benchmark's own
 apps beside lite_app.py, and in each round serves, one after another, with
-the same lite.conf (processes=20 threads=1, or --processes N; FastAPI, being ASGI,
+the same lite.conf (processes=20 threads=1, or --processes N --threads M; FastAPI, being ASGI,
 under uvicorn):
 
 - hello       bench/hello_app.py: a constant, the server's ceiling
@@ -875,7 +875,7 @@ def table(summary: dict, alone: list[dict], bounds: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def chart(summary: dict, path: str, processes: int) -> None:
+def chart(summary: dict, path: str, processes: int, threads: int) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -903,7 +903,7 @@ def chart(summary: dict, path: str, processes: int) -> None:
             )
     ax.set_xticks(range(len(apps)), apps)
     ax.set_ylabel("requests/s (wrk, 20 connections, median of rounds)")
-    title = f"Apache + mod_wsgi, processes={processes} threads=1"
+    title = f"Apache + mod_wsgi, processes={processes} threads={threads}"
     if set(apps) & set(UVICORN_APPS):
         title += f"; fastapi*: uvicorn --workers {UVICORN_WORKERS}"
     ax.set_title(title)
@@ -930,7 +930,10 @@ def main(argv: list[str]) -> int:
         "--processes",
         type=int,
         default=20,
-        help="Apache's mod_wsgi daemons, 1 thread each (20, as lite.conf)",
+        help="Apache's mod_wsgi daemons (20, as lite.conf)",
+    )
+    parser.add_argument(
+        "--threads", type=int, default=1, help="threads per daemon (1, as lite.conf)"
     )
     parser.add_argument(
         "--flush-delays",
@@ -951,7 +954,10 @@ def main(argv: list[str]) -> int:
     os.chmod(home, 0o755)
     rc = os.path.join(ROOT, "siegerc")
     postgres = any(app[0] == "lite-pg" for app in apps)
-    env = scratch_env(home, args.port) | {"LITE_PROCESSES": str(args.processes)}
+    env = scratch_env(home, args.port) | {
+        "LITE_PROCESSES": str(args.processes),
+        "LITE_THREADS": str(args.threads),
+    }
     delays = [0.0] + [float(d) for d in args.flush_delays.split(",") if d]
     rounds = []
     flush_s = flush_seconds(home)
@@ -1016,7 +1022,7 @@ def main(argv: list[str]) -> int:
         json.dump(report, f, indent=1)
     with open(os.path.join(args.out, "results.md"), "w") as f:
         f.write(table(summary, alone, bounds))
-    chart(summary, os.path.join(args.out, "results.png"), args.processes)
+    chart(summary, os.path.join(args.out, "results.png"), args.processes, args.threads)
     print(table(summary, alone, bounds))
     return 0
 

@@ -138,3 +138,16 @@ def test_the_slower_disk_delays_every_flush_and_nothing_else(tmp_path):
     writing, flushing = map(float, done.stdout.split())
     assert flushing >= 6 * 0.050  # each of the six flushes slept its 50 ms
     assert writing < 0.050  # writes are not delayed
+
+
+def test_interleaved_apps_run_side_by_side_and_lose_nothing(tmp_path):
+    args = ["--apps", "lite,lite-group", "--route", "inc", "--rounds", "2", "--seconds", "1"]
+    run_bench("interleaved.py", [*args, "--processes", "2"], tmp_path)
+    report = json.loads((tmp_path / "results.json").read_text())
+    assert set(report["rounds"]) == {"lite", "lite-group"}
+    for name, runs in report["rounds"].items():
+        assert len(runs) == 2, name
+        for figures in runs:
+            assert figures["ok"] > 0 and figures["non_2xx"] == 0 and figures["lost"] == 0, name
+    assert report["summary"]["lite"]["ratio"] == 1.0  # each round against itself
+    assert "| lite-group |" in (tmp_path / "results.md").read_text()

@@ -19,7 +19,7 @@ pytestmark = [pytest.mark.apache, pytest.mark.postgres, pytest.mark.slow]
 
 
 def run_bench(script, args, out):
-    """bench/`script` with `args` on a free port of 127.0.0.1, its results into `out`."""
+    """bench/`script` with `args` on a free port of 127.0.0.1, its results into `out`; the port."""
     if os.geteuid() != 0:
         pytest.fail("the benchmark runs as root (run it through ./test.sh)")
     with socket.socket() as s:
@@ -32,6 +32,7 @@ def run_bench(script, args, out):
         timeout=600,
         stdin=subprocess.DEVNULL,
     )
+    return port
 
 
 # Each app is served by 4 daemons, not lite.conf's 20: each daemon imports
@@ -142,7 +143,7 @@ def test_the_slower_disk_delays_every_flush_and_nothing_else(tmp_path):
 
 def test_interleaved_apps_run_side_by_side_and_lose_nothing(tmp_path):
     args = ["--apps", "lite,lite-group", "--route", "inc", "--rounds", "2", "--seconds", "1"]
-    run_bench("interleaved.py", [*args, "--processes", "2"], tmp_path)
+    port = run_bench("interleaved.py", [*args, "--processes", "2"], tmp_path)
     report = json.loads((tmp_path / "results.json").read_text())
     assert set(report["rounds"]) == {"lite", "lite-group"}
     for name, runs in report["rounds"].items():
@@ -151,3 +152,6 @@ def test_interleaved_apps_run_side_by_side_and_lose_nothing(tmp_path):
             assert figures["ok"] > 0 and figures["non_2xx"] == 0 and figures["lost"] == 0, name
     assert report["summary"]["lite"]["ratio"] == 1.0  # each round against itself
     assert "| lite-group |" in (tmp_path / "results.md").read_text()
+    for each in (port, port + 1):  # both Apaches stopped
+        with socket.socket() as s, pytest.raises(ConnectionRefusedError):
+            s.connect(("127.0.0.1", each))

@@ -20,6 +20,7 @@ import os
 import random
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -61,9 +62,9 @@ def main(argv: list[str]) -> int:
                 "LITE_PROCESSES": str(args.processes),
                 "LITE_THREADS": str(args.threads),
             }
+            served[name] = (home, env)
             if flush_s is None:
                 flush_s = run.flush_seconds(home)
-            served[name] = (home, env)
             run.prepare(home, env, None, False, False, [], flush_s)
             run.serve(env, *scripts[name], "start")
             run.warm_up(f"{base_of(env)}/lite/get?counter=hits")
@@ -75,11 +76,9 @@ def main(argv: list[str]) -> int:
             line = ", ".join(f"{name} {results[name][-1]['req_per_s']:.0f}" for name in names)
             print(f"interleaved: round {number}: {line}", file=sys.stderr)
     finally:
-        for name, (home, env) in served.items():
-            try:
-                run.serve(env, *scripts[name], "stop")
-            finally:
-                shutil.rmtree(home, ignore_errors=True)
+        stopped = all([stop(home, env, *scripts[name]) for name, (home, env) in served.items()])
+    if not stopped:
+        sys.exit("interleaved: an Apache did not stop (its scratch home is kept)")
     summary = summarize(results, names[0])
     text = table(summary, names[0], args)
     print(text)
@@ -99,6 +98,17 @@ def main(argv: list[str]) -> int:
             f.write(text)
     lost = sum(r.get("lost", 0) for runs in results.values() for r in runs)
     return 1 if lost else 0
+
+
+def stop(home: str, env: dict, script: str, synchronous: str) -> bool:
+    """Stop the Apache serving from `home` and remove `home`; False (logged) if it would not."""
+    try:
+        run.serve(env, script, synchronous, "stop")
+    except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
+        print(f"interleaved: stopping {home}: {exc}", file=sys.stderr)
+        return False
+    shutil.rmtree(home, ignore_errors=True)
+    return True
 
 
 def base_of(env: dict) -> str:

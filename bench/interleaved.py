@@ -124,9 +124,9 @@ def measure(home: str, env: dict, route: str, counts: bool, seconds: int) -> dic
         return run.wrk(f"{base}/lite/get?counter=hits", seconds, post=False, server_home=home)
     if not counts:
         return run.wrk(f"{base}/lite/inc", seconds, post=True, server_home=home)
-    before = run.counter(base)
-    result = run.wrk(f"{base}/lite/inc", seconds, post=True, server_home=home)
-    result["delta"] = run.settled_counter(base) - before
+    result = run.counted(
+        base, lambda: run.wrk(f"{base}/lite/inc", seconds, post=True, server_home=home)
+    )
     result["lost"] = max(0, result["ok"] - result["delta"])
     return result
 

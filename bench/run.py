@@ -86,7 +86,7 @@ import threading
 import time
 import urllib.parse
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -236,6 +236,15 @@ def as_daemon_user(code: str, *args: str) -> None:
 def counter(base: str) -> int:
     with urllib.request.urlopen(f"{base}/lite/get?counter=hits", timeout=30) as res:
         return json.load(res)["value"]
+
+
+def counted(base: str, increments: Callable[[], dict]) -> dict:
+    """What `increments()` returns, with "delta": how far the counter at `base` moved
+    through it, read once settled (see settled_counter)."""
+    before = counter(base)
+    result = increments()
+    result["delta"] = settled_counter(base) - before
+    return result
 
 
 def settled_counter(base: str) -> int:
@@ -415,13 +424,11 @@ def drive(
     url_get, url_inc = f"{base}/lite/get?counter=hits", f"{base}/lite/inc"
     warm_up(url_get)
     result = {"wrk_get": wrk(url_get, seconds, post=False, server_home=server_home)}
-    before = counter(base)
-    result["wrk_inc"] = wrk(url_inc, seconds, post=True, server_home=server_home)
-    result["wrk_inc"]["delta"] = settled_counter(base) - before
+    result["wrk_inc"] = counted(
+        base, lambda: wrk(url_inc, seconds, post=True, server_home=server_home)
+    )
     result["siege_get"] = siege(url_get, siege_requests, post=False, rc=rc)
-    before = counter(base)
-    result["siege_inc"] = siege(url_inc, siege_requests, post=True, rc=rc)
-    result["siege_inc"]["delta"] = settled_counter(base) - before
+    result["siege_inc"] = counted(base, lambda: siege(url_inc, siege_requests, post=True, rc=rc))
     for key in ("wrk_inc", "siege_inc"):
         r = result[key]
         if counts:

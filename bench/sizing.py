@@ -34,9 +34,7 @@ def measure(env: dict, home: str, seconds: float) -> dict:
         url_get, url_inc = f"{base}/lite/get?counter=hits", f"{base}/lite/inc"
         bench.warm_up(url_get)
         result = {"get": bench.wrk(url_get, seconds, post=False)}
-        before = bench.counter(base)
-        result["inc"] = bench.wrk(url_inc, seconds, post=True)
-        result["inc"]["delta"] = bench.settled_counter(base) - before
+        result["inc"] = bench.counted(base, lambda: bench.wrk(url_inc, seconds, post=True))
     bench.truncate_wals(home)
     return result
 
